@@ -1,0 +1,165 @@
+"""Attention: Llama-style multi-head attention (V1) and Multi-head Latent Attention (V2, V3).
+
+Both run through transformers' attention interface (``eager``, ``sdpa``, ...) and its caches. MLA caches
+the compressed latent (``kv_lora_rank`` normalised dims as the cache's keys, ``qk_rope_head_dim`` rotated
+dims as its values), never the per-head keys and values it expands from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .configuration import DeepseekMoEConfig
+from .norm import RMSNorm
+from .rope import apply_rotary, apply_rotary_interleaved, softmax_scale
+
+
+def attention_function(config: DeepseekMoEConfig) -> Callable:
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+
+
+class MultiHeadAttention(nn.Module):
+    """DeepSeekMoE (V1) attention: q/k/v/o projections, ``rotate_half`` RoPE on whole heads."""
+
+    def __init__(self, config: DeepseekMoEConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = softmax_scale(config, self.head_dim)
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq = hidden_states.shape[:-1]
+        shape = (batch, seq, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [batch, heads, seq, head_dim]
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        output, weights = attention_function(self.config)(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(output.reshape(batch, seq, -1).contiguous()), weights
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V2/V3 MLA: queries through an optional low-rank ``q_a``/``q_b`` pair, keys and values
+    expanded by ``kv_b_proj`` from a cached ``kv_lora_rank`` latent plus one shared rotary key."""
+
+    def __init__(self, config: DeepseekMoEConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = 1
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.scaling = softmax_scale(config, self.qk_head_dim)
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        hidden = config.hidden_size
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=bias)
+
+    def project_queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[batch, seq, hidden]`` -> ``[batch, heads, seq, qk_head_dim]`` (rope dims still unrotated)."""
+        if self.q_lora_rank is None:
+            query = self.q_proj(hidden_states)
+        else:
+            query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        batch, seq = hidden_states.shape[:-1]
+        return query.view(batch, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
+
+    def expand_latent(self, latent: torch.Tensor, key_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent ``[batch, 1, seq, kv_lora_rank]`` and rotary key ``[batch, 1, seq, rope]`` -> per-head
+        keys ``[batch, heads, seq, qk_head_dim]`` and values ``[batch, heads, seq, v_head_dim]``."""
+        batch, _, seq, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(batch, seq, self.num_heads, -1).transpose(1, 2)
+        key_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key = torch.cat((key_nope, key_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        return key, value
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq = hidden_states.shape[:-1]
+        query = self.project_queries(hidden_states)
+        query_nope, query_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+        compressed = self.kv_a_proj_with_mqa(hidden_states)
+        latent, key_rope = compressed.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        # Single-head 4-D views, so every transformers cache layer stores them as they are.
+        latent = self.kv_a_layernorm(latent).view(batch, 1, seq, self.kv_lora_rank)
+        key_rope = key_rope.view(batch, 1, seq, self.qk_rope_head_dim)
+
+        cos, sin = position_embeddings
+        query_rope = apply_rotary_interleaved(query_rope, cos, sin)
+        key_rope = apply_rotary_interleaved(key_rope, cos, sin)
+        if past_key_values is not None:
+            latent, key_rope = past_key_values.update(latent, key_rope, self.layer_idx)
+
+        key, value = self.expand_latent(latent, key_rope)
+        query = torch.cat((query_nope, query_rope), dim=-1)
+        output, weights = attention_function(self.config)(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(output.reshape(batch, seq, -1).contiguous()), weights

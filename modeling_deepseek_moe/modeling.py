@@ -1,0 +1,300 @@
+"""Decoder layer, base model and heads for DeepSeekMoE (V1), DeepSeek-V2 and DeepSeek-V3.
+
+The three families share every class here; they differ only through their config (attention type,
+router semantics) and the thin ``DeepseekMoEV{1,2,3}*`` subclasses at the bottom that bind a config class.
+Checkpoints are read and written in DeepSeek's official layout by :mod:`.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from . import checkpoint
+from .attention import MultiHeadAttention, MultiHeadLatentAttention
+from .configuration import DeepseekMoEConfig, DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config
+from .experts import DenseMLP, ExpertChunk
+from .moe import MoEBlock
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+from .routing import TopKRouter
+
+
+class DeepseekMoEDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: attention (MHA or MLA) then a dense MLP or an MoE block (``mlp``)."""
+
+    def __init__(self, config: DeepseekMoEConfig, layer_idx: int) -> None:
+        super().__init__()
+        attention = MultiHeadLatentAttention if config.attention_type == "mla" else MultiHeadAttention
+        self.self_attn = attention(config, layer_idx)
+        self.mlp = MoEBlock(config) if config.is_moe_layer(layer_idx) else DenseMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MultiTokenPredictionLayer(DeepseekMoEDecoderLayer):
+    """DeepSeek-V3's MTP module: predicts token t+2 from the hidden state of token t and the embedding of
+    token t+1: ``block(eh_proj(cat(enorm(embed(t+1)), hnorm(h_t))))``, then ``shared_head.norm`` and the
+    model's shared output head. Stored in checkpoints as layer ``num_hidden_layers + depth``."""
+
+    def __init__(self, config: DeepseekMoEConfig, depth: int) -> None:
+        super().__init__(config, layer_idx=config.num_hidden_layers + depth)
+        self.enorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        next_token_embeds: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """``hidden_states`` of tokens t and ``next_token_embeds`` of tokens t+1, both ``[batch, seq, hidden]``
+        -> normalised hidden states ``[batch, seq, hidden]`` to feed the shared output head."""
+        merged = self.eh_proj(torch.cat((self.enorm(next_token_embeds), self.hnorm(hidden_states)), dim=-1))
+        merged = super().forward(merged, position_embeddings, attention_mask, **kwargs)
+        return self.shared_head.norm(merged)
+
+
+class DeepseekMoEPreTrainedModel(PreTrainedModel):
+    config_class = DeepseekMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepseekMoEDecoderLayer", "ExpertChunk"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    _can_record_outputs = {
+        "hidden_states": DeepseekMoEDecoderLayer,
+        "attentions": OutputRecorder(nn.Module, index=1, layer_name="self_attn"),
+        "router_logits": OutputRecorder(TopKRouter, index=0),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, TopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.e_score_correction_bias is not None:
+                init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, ExpertChunk):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+
+    # ------------------------------------------------------------------ checkpoints in DeepSeek's layout
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs
+    ) -> DeepseekMoEPreTrainedModel:
+        """Load a checkpoint in DeepSeek's official layout (per-expert tensors, sharded safetensors).
+
+        Accepts the usual ``config``, ``dtype``/``torch_dtype``, ``device_map``, ``max_memory``,
+        ``attn_implementation``, ``revision``, ``token`` and config overrides as keyword arguments.
+        Every parameter must come from the checkpoint: a missing, unexpected or misshapen tensor is an
+        error naming it.
+        """
+        return checkpoint.load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_size: int | str = "5GB",
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        """Write the official layout (DeepSeek's tensor names, shapes and dtypes), a config naming this
+        package's model_type with ``auto_map``, and the modeling code for ``trust_remote_code``."""
+        checkpoint.save_pretrained(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
+        if push_to_hub:  # transformers' push_to_hub saves through this method into a temporary folder
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            self.push_to_hub(repo_id, max_shard_size=max_shard_size, **kwargs)
+
+
+class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
+    """Embeddings, decoder layers and the final norm; ``mtp`` holds V3's multi-token prediction modules."""
+
+    def __init__(self, config: DeepseekMoEConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(DeepseekMoEDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.mtp = nn.ModuleList(
+            MultiTokenPredictionLayer(config, depth) for depth in range(config.num_nextn_predict_layers)
+        )
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            position_ids = position_ids.unsqueeze(0)
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=causal_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+
+class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeepseekMoEConfig) -> None:
+        super().__init__(config)
+        self.model = self.base_model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    base_model_class = DeepseekMoEModel
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+# ---------------------------------------------------------------------- the three families
+class DeepseekMoEV1Model(DeepseekMoEModel):
+    config_class = DeepseekMoEV1Config
+
+
+class DeepseekMoEV1ForCausalLM(DeepseekMoEForCausalLM):
+    config_class = DeepseekMoEV1Config
+    base_model_class = DeepseekMoEV1Model
+
+
+class DeepseekMoEV1ForSequenceClassification(GenericForSequenceClassification, DeepseekMoEPreTrainedModel):
+    config_class = DeepseekMoEV1Config
+
+
+class DeepseekMoEV2Model(DeepseekMoEModel):
+    config_class = DeepseekMoEV2Config
+
+
+class DeepseekMoEV2ForCausalLM(DeepseekMoEForCausalLM):
+    config_class = DeepseekMoEV2Config
+    base_model_class = DeepseekMoEV2Model
+
+
+class DeepseekMoEV2ForSequenceClassification(GenericForSequenceClassification, DeepseekMoEPreTrainedModel):
+    config_class = DeepseekMoEV2Config
+
+
+class DeepseekMoEV3Model(DeepseekMoEModel):
+    config_class = DeepseekMoEV3Config
+
+
+class DeepseekMoEV3ForCausalLM(DeepseekMoEForCausalLM):
+    config_class = DeepseekMoEV3Config
+    base_model_class = DeepseekMoEV3Model
+
+
+class DeepseekMoEV3ForSequenceClassification(GenericForSequenceClassification, DeepseekMoEPreTrainedModel):
+    config_class = DeepseekMoEV3Config

@@ -1,0 +1,283 @@
+"""Tiny random checkpoints in DeepSeek's official on-disk layout, for examples, tests and benchmarks.
+
+The layout is written from DeepSeek's schema alone (config.json as released, per-expert tensor names,
+sharded safetensors with an index), independently of this package's modules, so loading one is a real
+test of the loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+# Small configs in DeepSeek's own schema, one per released family.
+TINY_OFFICIAL_CONFIGS: dict[str, dict[str, Any]] = {
+    "v1": {
+        "model_type": "deepseek",
+        "architectures": ["DeepseekForCausalLM"],
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "n_shared_experts": 2,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 4,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "norm_topk_prob": False,
+        "scoring_func": "softmax",
+        "aux_loss_alpha": 0.001,
+        "seq_aux": True,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    },
+    "v2": {
+        "model_type": "deepseek_v2",
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "n_shared_experts": 2,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "topk_method": "group_limited_greedy",
+        "routed_scaling_factor": 16.0,
+        "norm_topk_prob": False,
+        "scoring_func": "softmax",
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "kv_lora_rank": 32,
+        "q_lora_rank": 48,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "aux_loss_alpha": 0.001,
+        "seq_aux": True,
+        "hidden_act": "silu",
+        "max_position_embeddings": 163840,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 40,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "original_max_position_embeddings": 4096,
+        },
+        "attention_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    },
+    "v3": {
+        "model_type": "deepseek_v3",
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "n_shared_experts": 1,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "topk_method": "noaux_tc",
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+        "scoring_func": "sigmoid",
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "kv_lora_rank": 32,
+        "q_lora_rank": 48,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "aux_loss_alpha": 0.001,
+        "seq_aux": True,
+        "ep_size": 1,
+        "num_nextn_predict_layers": 1,
+        "hidden_act": "silu",
+        "max_position_embeddings": 163840,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 40,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096,
+        },
+        "attention_bias": False,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    },
+}
+
+
+def tiny_official_config(family: str, **overrides: Any) -> dict[str, Any]:
+    """A copy of ``TINY_OFFICIAL_CONFIGS[family]`` ("v1", "v2", "v3") with ``overrides`` applied."""
+    config = json.loads(json.dumps(TINY_OFFICIAL_CONFIGS[family]))
+    config.update(overrides)
+    return config
+
+
+def official_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an official checkpoint of ``config`` (DeepSeek's schema), in DeepSeek's order."""
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    layers = config["num_hidden_layers"]
+    mtp_layers = config.get("num_nextn_predict_layers", 0)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for layer in range(layers + mtp_layers):
+        prefix = f"model.layers.{layer}."
+        if layer >= layers:  # V3 multi-token prediction module
+            shapes.update({
+                prefix + "embed_tokens.weight": (vocab, hidden),
+                prefix + "enorm.weight": (hidden,),
+                prefix + "hnorm.weight": (hidden,),
+                prefix + "eh_proj.weight": (hidden, 2 * hidden),
+                prefix + "shared_head.norm.weight": (hidden,),
+                prefix + "shared_head.head.weight": (vocab, hidden),
+            })
+        shapes[prefix + "input_layernorm.weight"] = (hidden,)
+        shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
+        shapes.update(_attention_shapes(config, prefix + "self_attn.", hidden, heads))
+        shapes.update(_mlp_shapes(config, prefix + "mlp.", layer, hidden))
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def _attention_shapes(config, prefix, hidden, heads):
+    if config["model_type"] == "deepseek":
+        head_dim = hidden // heads
+        kv = config.get("num_key_value_heads") or heads
+        return {
+            prefix + "q_proj.weight": (heads * head_dim, hidden),
+            prefix + "k_proj.weight": (kv * head_dim, hidden),
+            prefix + "v_proj.weight": (kv * head_dim, hidden),
+            prefix + "o_proj.weight": (hidden, heads * head_dim),
+        }
+    qk_head = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
+    kv_rank = config["kv_lora_rank"]
+    shapes = {}
+    if config.get("q_lora_rank"):
+        q_rank = config["q_lora_rank"]
+        shapes[prefix + "q_a_proj.weight"] = (q_rank, hidden)
+        shapes[prefix + "q_a_layernorm.weight"] = (q_rank,)
+        shapes[prefix + "q_b_proj.weight"] = (heads * qk_head, q_rank)
+    else:
+        shapes[prefix + "q_proj.weight"] = (heads * qk_head, hidden)
+    shapes[prefix + "kv_a_proj_with_mqa.weight"] = (kv_rank + config["qk_rope_head_dim"], hidden)
+    shapes[prefix + "kv_a_layernorm.weight"] = (kv_rank,)
+    shapes[prefix + "kv_b_proj.weight"] = (heads * (config["qk_nope_head_dim"] + config["v_head_dim"]), kv_rank)
+    shapes[prefix + "o_proj.weight"] = (hidden, heads * config["v_head_dim"])
+    return shapes
+
+
+def _mlp_shapes(config, prefix, layer, hidden):
+    experts = config.get("n_routed_experts")
+    is_moe = experts and layer >= config["first_k_dense_replace"] and layer % config.get("moe_layer_freq", 1) == 0
+    if not is_moe:
+        width = config["intermediate_size"]
+        return {
+            prefix + "gate_proj.weight": (width, hidden),
+            prefix + "up_proj.weight": (width, hidden),
+            prefix + "down_proj.weight": (hidden, width),
+        }
+    width = config["moe_intermediate_size"]
+    shapes = {prefix + "gate.weight": (experts, hidden)}
+    if config.get("topk_method") == "noaux_tc":
+        shapes[prefix + "gate.e_score_correction_bias"] = (experts,)
+    for expert in range(experts):
+        shapes[f"{prefix}experts.{expert}.gate_proj.weight"] = (width, hidden)
+        shapes[f"{prefix}experts.{expert}.up_proj.weight"] = (width, hidden)
+        shapes[f"{prefix}experts.{expert}.down_proj.weight"] = (hidden, width)
+    if config.get("n_shared_experts"):
+        shared = width * config["n_shared_experts"]
+        shapes[prefix + "shared_experts.gate_proj.weight"] = (shared, hidden)
+        shapes[prefix + "shared_experts.up_proj.weight"] = (shared, hidden)
+        shapes[prefix + "shared_experts.down_proj.weight"] = (hidden, shared)
+    return shapes
+
+
+def random_official_state(config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights for every official tensor. Norms near 1, router weights large enough to route
+    tokens diversely, V3 correction biases of both signs (float32, as DeepSeek stores them)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in official_tensor_shapes(config).items():
+        if key.endswith("norm.weight"):
+            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        elif key.endswith("e_score_correction_bias"):
+            state[key] = 0.2 * torch.randn(shape, generator=generator)
+            continue
+        elif key.endswith("mlp.gate.weight"):
+            tensor = 0.5 * torch.randn(shape, generator=generator)
+        else:
+            tensor = torch.randn(shape, generator=generator) / shape[-1] ** 0.5
+        state[key] = tensor.to(dtype)
+    layers = config["num_hidden_layers"]
+    for depth in range(config.get("num_nextn_predict_layers", 0)):  # DeepSeek stores copies of these
+        state[f"model.layers.{layers + depth}.embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+        state[f"model.layers.{layers + depth}.shared_head.head.weight"] = state["lm_head.weight"].clone()
+    return state
+
+
+def write_official_checkpoint(
+    directory: str | os.PathLike,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor] | None = None,
+    num_shards: int = 2,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Write ``config.json`` and ``state`` (random if None) as ``num_shards`` safetensors files with
+    ``model.safetensors.index.json``, as DeepSeek's releases are laid out. Returns the state."""
+    os.makedirs(directory, exist_ok=True)
+    if state is None:
+        state = random_official_state(config, seed=seed)
+    keys = list(state)
+    per_shard = -(-len(keys) // num_shards)
+    weight_map = {}
+    for shard in range(num_shards):
+        name = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {key: state[key].contiguous() for key in keys[shard * per_shard : (shard + 1) * per_shard]}
+        save_file(part, os.path.join(directory, name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as handle:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        json.dump(config, handle, indent=2)
+    return state
