@@ -20,11 +20,12 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 
 def _grouped_mm_supported(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
-    if _GROUPED_MM is None:
+    """Whether this build has a grouped-mm kernel for these operands (else: the per-group loop)."""
+    if _GROUPED_MM is None or inputs.dtype != weight.dtype:
         return False
     if inputs.device.type == "cuda":
         return torch.cuda.get_device_capability(inputs.device) >= (8, 0) and inputs.dtype == torch.bfloat16
-    return inputs.device.type == "cpu"
+    return inputs.device.type == "cpu" and inputs.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _looped_mm(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

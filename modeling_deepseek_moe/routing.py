@@ -46,6 +46,14 @@ class TopKRouter(nn.Module):
         else:
             self.e_score_correction_bias = None
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)``, ``.half()``, ... move the correction bias but never cast it down from float32."""
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None and not bias.is_meta and self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
+        return self
+
     def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
         """``hidden_states`` ``[tokens, hidden]`` -> routing decision for each token."""
         if self.logits_in_fp32:

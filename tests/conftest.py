@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny checkpoints in DeepSeek's official layout, written by the tests themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeling_deepseek_moe.synthetic import random_official_state, tiny_official_config, write_official_checkpoint
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@pytest.fixture
+def official_checkpoint(tmp_path):
+    """``make(family, edit_state=None, **config_overrides) -> (directory, official config dict, state)``;
+    ``edit_state(state)`` may change the random tensors before they are written."""
+    counter = iter(range(1000))
+
+    def make(family: str, seed: int = 0, num_shards: int = 2, edit_state=None, **overrides):
+        config = tiny_official_config(family, **overrides)
+        state = random_official_state(config, seed=seed)
+        if edit_state is not None:
+            edit_state(state)
+        directory = tmp_path / f"official-{family}-{next(counter)}"
+        write_official_checkpoint(directory, config, state=state, num_shards=num_shards)
+        return directory, config, state
+
+    return make

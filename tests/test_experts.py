@@ -1,0 +1,118 @@
+"""Grouped routed experts against a per-expert loop, forward and backward, and chunked storage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling_deepseek_moe import DeepseekMoEV3Config
+from modeling_deepseek_moe import experts as experts_module
+from modeling_deepseek_moe.experts import RoutedExperts
+
+from conftest import relative_error
+
+
+def config(chunks=1):
+    return DeepseekMoEV3Config(
+        hidden_size=32, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=4,
+        n_group=4, topk_group=2, num_expert_chunks=chunks,
+    )
+
+
+def random_experts(config, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    experts = RoutedExperts(config).to(dtype)
+    for chunk in experts.chunks:
+        chunk.gate_up_proj.data.normal_(0, 0.3)
+        chunk.down_proj.data.normal_(0, 0.3)
+    return experts
+
+
+def stacked(experts, name):
+    return torch.cat([getattr(chunk, name) for chunk in experts.chunks])
+
+
+def loop_reference(experts, hidden, indices, weights):
+    """Token by token, expert by expert: sum_k w_k * down_e(silu(gate_e x) * up_e x)."""
+    gate_up, down = stacked(experts, "gate_up_proj"), stacked(experts, "down_proj")
+    inter = down.shape[-1]
+    rows = []
+    for token in range(hidden.shape[0]):
+        total = torch.zeros_like(hidden[token])
+        for slot in range(indices.shape[1]):
+            e = indices[token, slot]
+            projected = gate_up[e] @ hidden[token]
+            total = total + weights[token, slot] * (down[e] @ (F.silu(projected[:inter]) * projected[inter:]))
+        rows.append(total)
+    return torch.stack(rows)
+
+
+def routing(tokens, experts=16, top_k=4, seed=1, skip=()):
+    generator = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([e for e in range(experts) if e not in skip])
+    scores = torch.rand(tokens, len(allowed), generator=generator)
+    indices = allowed[scores.topk(top_k, dim=-1).indices]
+    weights = torch.rand(tokens, top_k, generator=generator, dtype=torch.float64)
+    return indices, weights
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_forward_matches_loop(chunks):
+    experts = random_experts(config(chunks))
+    hidden = torch.randn(40, 32, dtype=torch.float64)
+    indices, weights = routing(40, skip=(3, 9))  # experts 3 and 9 receive no token
+    assert relative_error(experts(hidden, indices, weights), loop_reference(experts, hidden, indices, weights)) < 1e-12
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_backward_matches_loop(chunks):
+    experts = random_experts(config(chunks))
+    hidden = torch.randn(40, 32, dtype=torch.float64, requires_grad=True)
+    indices, weights = routing(40, skip=(5,))
+    weights.requires_grad_(True)
+    upstream = torch.randn(40, 32, dtype=torch.float64)
+    (experts(hidden, indices, weights) * upstream).sum().backward()
+    grads = [hidden.grad, weights.grad] + [p.grad for p in experts.parameters()]
+    for tensor in [hidden, weights, *experts.parameters()]:
+        tensor.grad = None
+    (loop_reference(experts, hidden, indices, weights) * upstream).sum().backward()
+    expected = [hidden.grad, weights.grad] + [p.grad for p in experts.parameters()]
+    for actual, reference in zip(grads, expected):
+        assert relative_error(actual, reference) < 1e-12
+
+
+def test_loop_fallback_equals_grouped_kernel(monkeypatch):
+    experts = random_experts(config(), dtype=torch.float32)
+    hidden = torch.randn(64, 32, requires_grad=True)
+    indices, weights = routing(64)
+    weights = weights.float()
+    grouped = experts(hidden, indices, weights)
+    grouped.square().sum().backward()
+    grouped_grads = [hidden.grad.clone()] + [p.grad.clone() for p in experts.parameters()]
+    hidden.grad = None
+    experts.zero_grad()
+    monkeypatch.setattr(experts_module, "_GROUPED_MM", None)
+    looped = experts(hidden, indices, weights)
+    looped.square().sum().backward()
+    assert relative_error(looped, grouped) < 1e-6
+    for actual, reference in zip([hidden.grad] + [p.grad for p in experts.parameters()], grouped_grads):
+        assert relative_error(actual, reference) < 1e-6
+
+
+def test_inference_mode_matches_training_path():
+    experts = random_experts(config(), dtype=torch.float32)
+    hidden = torch.randn(64, 32)
+    indices, weights = routing(64)
+    with torch.inference_mode():
+        fast = experts(hidden, indices, weights.float())
+    assert relative_error(fast, experts(hidden, indices, weights.float())) < 1e-7
+
+
+def test_bfloat16_runs_grouped():
+    experts = random_experts(config(), dtype=torch.bfloat16)
+    hidden = torch.randn(64, 32, dtype=torch.bfloat16)
+    indices, weights = routing(64)
+    out = experts(hidden, indices, weights.bfloat16())
+    reference = loop_reference(experts.double(), hidden.double(), indices, weights)
+    assert out.dtype == torch.bfloat16 and relative_error(out, reference) < 2e-2
