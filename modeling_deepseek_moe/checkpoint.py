@@ -250,7 +250,7 @@ def device_for(name: str, device_map: dict) -> torch.device:
     return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
 
 
-def load_pretrained(cls, name_or_path, *model_args, **kwargs):
+def load_official_checkpoint(cls, name_or_path, *model_args, **kwargs):
     """Build ``cls`` on the meta device and fill it from an official-layout checkpoint (see module doc)."""
     if model_args:
         raise TypeError(f"{cls.__name__}.from_pretrained takes no positional model arguments, got {model_args}")
@@ -483,7 +483,7 @@ def auto_map(model) -> dict[str, str]:
     }
 
 
-def save_pretrained(model, save_directory: str | os.PathLike, state_dict=None, max_shard_size="5GB") -> None:
+def save_official_checkpoint(model, save_directory: str | os.PathLike, state_dict=None, max_shard_size="5GB") -> None:
     """Write ``model`` in the official layout with config, generation config and remote code."""
     save_directory = str(save_directory)
     if os.path.isfile(save_directory):

@@ -21,7 +21,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from . import checkpoint
+from .checkpoint import load_official_checkpoint, save_official_checkpoint
 from .attention import MultiHeadAttention, MultiHeadLatentAttention
 from .configuration import DeepseekMoEConfig, DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config
 from .experts import DenseMLP, ExpertChunk
@@ -134,7 +134,7 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
         Every parameter must come from the checkpoint: a missing, unexpected or misshapen tensor is an
         error naming it.
         """
-        return checkpoint.load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        return load_official_checkpoint(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(
         self,
@@ -146,7 +146,7 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
     ) -> None:
         """Write the official layout (DeepSeek's tensor names, shapes and dtypes), a config naming this
         package's model_type with ``auto_map``, and the modeling code for ``trust_remote_code``."""
-        checkpoint.save_pretrained(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
+        save_official_checkpoint(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
         if push_to_hub:  # transformers' push_to_hub saves through this method into a temporary folder
             repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
             self.push_to_hub(repo_id, max_shard_size=max_shard_size, **kwargs)
