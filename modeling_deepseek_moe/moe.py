@@ -30,7 +30,8 @@ class MoEBlock(nn.Module):
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])  # [tokens, hidden]
         routing = self.gate(tokens)
-        output = self.experts(tokens, routing.topk_indices, routing.topk_weights)
+        output = self.experts(tokens, routing.topk_indices, routing.topk_weights)  # a transposed view
         if self.shared_experts is not None:
-            output = output + self.shared_experts(tokens)
-        return output.view(shape)
+            # Into the shared experts' fresh contiguous output: no new buffer, a contiguous result.
+            output = self.shared_experts(tokens).add_(output)
+        return output.reshape(shape)

@@ -1,0 +1,58 @@
+"""CUDA checks (skipped without a GPU): grouped experts and whole models on the GPU against the CPU,
+and a layer's expert chunks split between cuda:0 and the CPU against the all-GPU model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeling_deepseek_moe import DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
+
+from conftest import relative_error
+from test_experts import config, loop_reference, random_experts, routing
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+def test_experts_on_cuda_match_loop(dtype, bound):
+    experts = random_experts(config(), dtype=torch.float64)
+    hidden = torch.randn(200, 32, dtype=torch.float64)
+    indices, weights = routing(200, skip=(2,))
+    reference = loop_reference(experts, hidden, indices, weights)
+    cuda = experts.to("cuda", dtype)
+    hidden_cuda = hidden.to("cuda", dtype).requires_grad_(True)
+    out = cuda(hidden_cuda, indices.cuda(), weights.to("cuda", dtype))
+    assert out.device.type == "cuda" and relative_error(out.float().cpu(), reference) < bound
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in cuda.parameters())
+
+
+@pytest.mark.parametrize("family, model_class", [("v2", DeepseekMoEV2ForCausalLM), ("v3", DeepseekMoEV3ForCausalLM)])
+def test_model_on_cuda_matches_cpu(official_checkpoint, family, model_class):
+    directory, _, _ = official_checkpoint(family)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    cpu = model_class.from_pretrained(directory, dtype=torch.float32)
+    gpu = model_class.from_pretrained(directory, dtype=torch.float32, device_map="cuda")
+    with torch.no_grad():
+        assert relative_error(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits) < 1e-4
+    generated = gpu.generate(ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), max_new_tokens=6, do_sample=False)
+    assert generated.shape == (2, 22)
+
+
+def test_expert_chunks_split_between_cuda_and_cpu(official_checkpoint):
+    directory, config_dict, _ = official_checkpoint("v3")
+    device_map = {"": "cuda:0"}
+    for layer in range(1, config_dict["num_hidden_layers"]):
+        device_map[f"model.layers.{layer}.mlp.experts.chunks.1"] = "cpu"
+    device_map["model.mtp.0.mlp.experts.chunks.1"] = "cpu"
+    all_gpu = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.float32, device_map="cuda", num_expert_chunks=2)
+    mixed = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.float32, device_map=device_map, num_expert_chunks=2)
+    assert mixed.model.layers[1].mlp.experts.chunks[1].gate_up_proj.device.type == "cpu"
+    assert mixed.model.layers[1].mlp.experts.chunks[0].gate_up_proj.device.type == "cuda"
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        assert relative_error(mixed(ids).logits, all_gpu(ids).logits) < 1e-5
+    loss = mixed(ids, labels=ids).loss
+    loss.backward()
+    assert mixed.model.layers[1].mlp.experts.chunks[1].gate_up_proj.grad.device.type == "cpu"
