@@ -24,6 +24,13 @@ class DeepseekMoEConfig(PreTrainedConfig):
     Fields that DeepSeek's configs do not carry:
         num_expert_chunks: routed experts of a layer are stored as this many contiguous chunks (tensors
             ``[experts_per_chunk, ...]``), so that a ``device_map`` can place a layer's experts apart.
+        device_aux_loss_alpha: V2 paper's device-level balance loss coefficient (a2 = 0.05 there; 0 = off).
+            The ``n_group`` expert groups are the devices.
+        comm_aux_loss_alpha: V2 paper's communication balance loss coefficient (a3 = 0.02 there; 0 = off),
+            with ``topk_group`` devices per token (M).
+        bias_update_speed: V3's auxiliary-loss-free balancing step gamma (0 freezes the correction bias).
+        capacity_factor: V2-style token dropping in training (None = off): each expert keeps at most
+            ``ceil(capacity_factor * T * K / E)`` assignments, those with the highest affinity.
     """
 
     # Which attention the family uses ("mha": Llama-style, "mla": Multi-head Latent Attention).
@@ -79,6 +86,10 @@ class DeepseekMoEConfig(PreTrainedConfig):
     quantization_config: dict | None = None
     output_router_logits: bool = False
     num_expert_chunks: int = 1
+    device_aux_loss_alpha: float = 0.0
+    comm_aux_loss_alpha: float = 0.0
+    bias_update_speed: float = 0.001
+    capacity_factor: float | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.topk_method = TOPK_METHOD_ALIASES.get(self.topk_method, self.topk_method)
@@ -149,6 +160,18 @@ class DeepseekMoEConfig(PreTrainedConfig):
             )
         if self.ep_size < 1 or experts % self.ep_size:
             fail(f"`ep_size` ({self.ep_size}) must divide `n_routed_experts` ({experts})")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            fail(f"`capacity_factor` must be positive or null, got {self.capacity_factor}")
+        if self.bias_update_speed < 0:
+            fail(f"`bias_update_speed` must be >= 0, got {self.bias_update_speed}")
+        device_losses = {"device_aux_loss_alpha": self.device_aux_loss_alpha, "comm_aux_loss_alpha": self.comm_aux_loss_alpha}
+        for name, value in device_losses.items():
+            if value and self.topk_method == "noaux_tc":
+                fail(f"`{name}` ({value}) is a DeepSeek-V2 loss; V3 balances with `bias_update_speed` instead")
+            if value and (not self.n_group or experts % self.n_group):
+                fail(f"`{name}` ({value}) needs `n_group` device groups dividing the experts, got n_group={self.n_group}")
+        if self.comm_aux_loss_alpha and not self.topk_group:
+            fail(f"`comm_aux_loss_alpha` ({self.comm_aux_loss_alpha}) needs `topk_group` (devices per token)")
         if self.topk_method == "greedy":
             return
         n_group, topk_group = self.n_group, self.topk_group
@@ -243,6 +266,8 @@ class DeepseekMoEV3Config(DeepseekMoEConfig):
     first_k_dense_replace: int = 3
     norm_topk_prob: bool = True
     scoring_func: str = "sigmoid"
+    # The V3 paper's complementary sequence-wise loss weight (released config.json files say 0.001).
+    aux_loss_alpha: float = 0.0001
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
     num_nextn_predict_layers: int = 1

@@ -29,6 +29,7 @@ from .moe import MoEBlock
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 from .routing import TopKRouter
+from .training import router_statistics, track_optimizer_steps
 
 
 class DeepseekMoEDecoderLayer(GradientCheckpointingLayer):
@@ -183,6 +184,8 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
     ) -> MoeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if self.training:
+            track_optimizer_steps(self)  # V3 bias updates and router statistics after optimizer steps
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
@@ -210,6 +213,17 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
                 **kwargs,
             )
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+    def router_statistics(self) -> dict[str, dict]:
+        """Per MoE layer: tokens per expert and MaxVio, of the last forward and the last optimizer step."""
+        return router_statistics(self)
+
+    def balance_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE layers' load-balancing losses of the last training forward (None if none)."""
+        losses = [layer.mlp.aux_loss for layer in self.layers if getattr(layer.mlp, "aux_loss", None) is not None]
+        if not losses:
+            return None
+        return sum(loss.to(losses[0].device) for loss in losses)
 
 
 class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
@@ -247,11 +261,15 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
+        aux_loss = self.model.balance_loss()
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if aux_loss is not None:
+                loss = loss + aux_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(
             loss=loss,
+            aux_loss=aux_loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,

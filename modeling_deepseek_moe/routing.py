@@ -39,19 +39,26 @@ class TopKRouter(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.logits_in_fp32 = config.router_logits_in_fp32
         self.uses_routed_scaling = config.uses_routed_scaling
+        self.bias_update_speed = config.bias_update_speed
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
         if self.topk_method == "noaux_tc":
             # Float32 always (never cast with the model): its updates are ~1e-3 steps that bf16 would lose.
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        # Router statistics (not saved): tokens per expert in the last forward, accumulated over the
+        # current optimizer step (training forwards only), and over the last finished step.
+        for name in ("last_forward_load", "step_load", "last_step_load"):
+            self.register_buffer(name, torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
 
     def _apply(self, fn, recurse: bool = True):
-        """``.to(dtype)``, ``.half()``, ... move the correction bias but never cast it down from float32."""
-        bias = self.e_score_correction_bias
+        """``.to(dtype)``, ``.half()``, ... move the correction bias and the load counters but never cast
+        them down from float32."""
+        kept = {name: buffer for name, buffer in self._buffers.items() if buffer is not None and not buffer.is_meta}
         super()._apply(fn, recurse)
-        if bias is not None and not bias.is_meta and self.e_score_correction_bias.dtype != torch.float32:
-            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
+        for name, buffer in kept.items():
+            if self._buffers[name].dtype != torch.float32:
+                self._buffers[name] = buffer.to(self._buffers[name].device)
         return self
 
     def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
@@ -79,7 +86,22 @@ class TopKRouter(nn.Module):
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
         if self.scales_weights(normalised):
             topk_weights = topk_weights * self.routed_scaling_factor
+        self.record_load(topk_indices)
         return RouterOutput(logits, scores, topk_indices, topk_weights)
+
+    def reset_buffers(self, device: torch.device) -> None:
+        """Zero the load counters on ``device`` (after the model was built on the meta device)."""
+        for name in ("last_forward_load", "step_load", "last_step_load"):
+            setattr(self, name, torch.zeros(self.num_experts, dtype=torch.float32, device=device))
+
+    @torch.no_grad()
+    def record_load(self, topk_indices: torch.Tensor) -> None:
+        """Count tokens per expert; in training also add them to the step's load, except when gradient
+        checkpointing recomputes this forward inside the backward pass (it would count them twice)."""
+        load = torch.bincount(topk_indices.reshape(-1), minlength=self.num_experts).float()
+        self.last_forward_load = load.to(self.last_forward_load.device)
+        if self.training and torch._C._current_graph_task_id() == -1:
+            self.step_load += load.to(self.step_load.device)
 
     def scales_weights(self, normalised: bool) -> bool:
         """V3 always multiplies by ``routed_scaling_factor``; V2 only when it did not normalise; V1 never."""

@@ -1,0 +1,117 @@
+"""What happens between optimizer steps: DeepSeek-V3's auxiliary-loss-free bias update and the router
+statistics (tokens per expert, MaxVio).
+
+Routers count their tokens per expert during training forwards (not during the recomputation gradient
+checkpointing does). After each optimizer step, :func:`finish_optimizer_step` closes the step:
+
+* V3 routers move ``e_score_correction_bias`` by ``-gamma * sign(load_i - mean_load)`` (``gamma`` =
+  ``config.bias_update_speed``; loads summed over gradient-accumulation micro-batches and, when
+  torch.distributed is initialised, all-reduced over the ranks);
+* every router keeps the step's load as ``last_step_load``, from which MaxVio = max/mean - 1.
+
+It runs by itself: a model that trains registers a global optimizer post-step hook, which acts on the
+optimizers that hold the model's parameters (plain loops, ``Trainer``, PEFT). :class:`RouterStatsCallback`
+adds the statistics to ``Trainer``'s logs.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from transformers import TrainerCallback
+
+from .routing import TopKRouter
+
+_TRAINING_MODELS: weakref.WeakSet = weakref.WeakSet()
+_OPTIMIZER_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_HOOK_HANDLE = None
+
+
+def routers(model: torch.nn.Module) -> dict[str, TopKRouter]:
+    """``{module name: router}`` of every MoE layer (MTP layers included)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, TopKRouter)}
+
+
+def max_violation(load: torch.Tensor) -> float:
+    """The V3 paper's balance metric: ``max_load / mean_load - 1`` (0 = perfectly balanced)."""
+    mean = load.float().mean()
+    return float(load.max() / mean - 1) if mean > 0 else 0.0
+
+
+@torch.no_grad()
+def finish_optimizer_step(model: torch.nn.Module) -> None:
+    """Close an optimizer step: update V3 correction biases from the step's loads, keep the loads as
+    ``last_step_load`` and start counting the next step. Call it after ``optimizer.step()`` if the
+    automatic hook is not wanted (see :func:`track_optimizer_steps`)."""
+    for router in routers(model).values():
+        load = router.step_load.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        if load.sum() == 0:
+            continue  # no training forward since the last step
+        gamma = router.bias_update_speed
+        if router.e_score_correction_bias is not None and gamma > 0:
+            router.e_score_correction_bias -= gamma * torch.sign(load - load.mean()).to(router.e_score_correction_bias.device)
+        router.last_step_load.copy_(load)
+        router.step_load.zero_()
+
+
+def router_statistics(model: torch.nn.Module) -> dict[str, dict]:
+    """Per MoE layer: tokens per expert in the last forward and the last finished optimizer step, and
+    MaxVio of each."""
+    statistics = {}
+    for name, router in routers(model).items():
+        statistics[name.removesuffix(".gate")] = {
+            "last_forward_tokens_per_expert": router.last_forward_load.tolist(),
+            "last_forward_max_vio": max_violation(router.last_forward_load),
+            "last_step_tokens_per_expert": router.last_step_load.tolist(),
+            "last_step_max_vio": max_violation(router.last_step_load),
+        }
+    return statistics
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    for model in list(_TRAINING_MODELS):
+        if _holds_parameters_of(optimizer, model):
+            finish_optimizer_step(model)
+
+
+def _holds_parameters_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> bool:
+    known = _OPTIMIZER_MODELS.setdefault(optimizer, weakref.WeakKeyDictionary())
+    if model not in known:
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        known[model] = any(id(p) in ids for p in model.parameters())
+    return known[model]
+
+
+def track_optimizer_steps(model: torch.nn.Module) -> None:
+    """Have :func:`finish_optimizer_step` run after every step of any optimizer holding ``model``'s
+    parameters. Models call this themselves on their first training forward."""
+    global _HOOK_HANDLE
+    _TRAINING_MODELS.add(model)
+    if _HOOK_HANDLE is None:
+        _HOOK_HANDLE = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+class RouterStatsCallback(TrainerCallback):
+    """Adds ``moe/max_vio`` (mean over layers of the last step's MaxVio), ``moe/max_vio_worst`` and
+    ``moe/aux_loss`` to ``Trainer``'s logs: the printed ones and ``state.log_history`` (report_to
+    integrations listed before this callback log before it runs)."""
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        if model is None or logs is None:
+            return
+        entries = {}
+        violations = [max_violation(r.last_step_load) for r in routers(model).values() if r.last_step_load.sum() > 0]
+        if violations:
+            entries["moe/max_vio"] = round(sum(violations) / len(violations), 4)
+            entries["moe/max_vio_worst"] = round(max(violations), 4)
+        losses = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None and m is not model]
+        if losses:
+            entries["moe/aux_loss"] = round(float(sum(loss.detach().float().cpu() for loss in losses)), 6)
+        logs.update(entries)
+        if state.log_history:
+            state.log_history[-1].update(entries)
