@@ -9,6 +9,7 @@ projection: no Python loop over experts, no host sync per expert.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -124,11 +125,18 @@ class ExpertChunk(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, columns: torch.Tensor, offsets: torch.Tensor, column_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        columns: torch.Tensor,
+        offsets: torch.Tensor,
+        column_weights: torch.Tensor,
+        delta: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
         """``columns`` ``[hidden, slots]`` grouped by expert (``offsets``: cumulative slots per expert) ->
-        ``[hidden, slots]``: each column through its expert, scaled by ``column_weights`` ``[slots]``."""
+        ``[hidden, slots]``: each column through its expert, scaled by ``column_weights`` ``[slots]``.
+        ``delta(projection, inputs, offsets)``, if given, adds to each projection (LoRA adapters)."""
         intermediate = self.down_proj.shape[-1]
-        gate_up = grouped_linear(self.gate_up_proj, columns, offsets)  # [2 * intermediate, slots]
+        gate_up = self.project("gate_up_proj", columns, offsets, delta)  # [2 * intermediate, slots]
         gate, up = gate_up[:intermediate], gate_up[intermediate:]
         weights = column_weights.to(gate_up.dtype)
         # The mixing weight is applied before the (linear) down projection: on [intermediate, slots]
@@ -137,7 +145,21 @@ class ExpertChunk(nn.Module):
             hidden = self.act_fn(gate) * up * weights
         else:  # inference: reuse the activation's buffer
             hidden = self.act_fn(gate).mul_(up).mul_(weights)
-        return grouped_linear(self.down_proj, hidden, offsets)
+        return self.project("down_proj", hidden, offsets, delta)
+
+    def project(self, projection: str, inputs: torch.Tensor, offsets: torch.Tensor, delta=None) -> torch.Tensor:
+        output = grouped_linear(getattr(self, projection), inputs, offsets)
+        extra = delta(projection, inputs, offsets) if delta is not None else None
+        return output if extra is None else output + extra.to(output.dtype)
+
+    @torch.no_grad()
+    def merge_delta(self, projection: str, delta: torch.Tensor, safe: bool = False) -> None:
+        """``weight += delta`` (``[experts, out, in]``), e.g. to merge a LoRA adapter."""
+        weight = getattr(self, projection)
+        merged = weight.float() + delta.to(weight.device)
+        if safe and not torch.isfinite(merged).all():
+            raise ValueError(f"merging into {projection} gives non-finite weights")
+        weight.copy_(merged.to(weight.dtype))
 
 
 class RoutedExperts(nn.Module):
