@@ -134,3 +134,36 @@ def test_trainer_with_accumulation_moves_bias_and_logs_balance(official_checkpoi
     moved = [(r.e_score_correction_bias - b).abs().max().item() for r, b in used]
     # three optimizer steps of +-0.001 each (not six: accumulation steps do not count)
     assert all(0 < m <= 0.003 + 1e-7 for m in moved)
+
+
+def _bias_update_on_rank(rank: int, world: int, port: int, result_file: str) -> None:
+    import torch.distributed as dist
+
+    from modeling_deepseek_moe import DeepseekMoEV3Config
+    from modeling_deepseek_moe.moe import MoEBlock
+    from modeling_deepseek_moe.training import finish_optimizer_step
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    moe = MoEBlock(DeepseekMoEV3Config(hidden_size=16, moe_intermediate_size=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1))
+    moe.gate.reset_buffers(torch.device("cpu"))
+    moe.gate.step_load.copy_(torch.arange(8.0) if rank == 0 else torch.arange(8.0).flip(0) * 3)  # different per rank
+    finish_optimizer_step(moe)
+    torch.save(moe.gate.e_score_correction_bias, f"{result_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_bias_update_all_reduces_loads_across_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = str(tmp_path / "bias")
+    mp.start_processes(_bias_update_on_rank, args=(2, port, result), nprocs=2, join=True, start_method="spawn")
+    biases = [torch.load(f"{result}.{rank}") for rank in range(2)]
+    total = torch.arange(8.0) + torch.arange(8.0).flip(0) * 3
+    expected = -0.001 * torch.sign(total - total.mean())
+    assert torch.equal(biases[0], biases[1])
+    assert torch.allclose(biases[0], expected)
