@@ -20,6 +20,10 @@ from .norm import RMSNorm
 from .rope import apply_rotary, apply_rotary_interleaved, softmax_scale
 
 
+# Decoding steps of at most this many new tokens attend in the latent space (mla_absorb="decode").
+MLA_ABSORB_MAX_QUERY = 8
+
+
 def attention_function(config: DeepseekMoEConfig) -> Callable:
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
 
@@ -126,6 +130,49 @@ class MultiHeadLatentAttention(nn.Module):
         key = torch.cat((key_nope, key_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
         return key, value
 
+    def absorbs(self, new_tokens: int, total_tokens: int) -> bool:
+        """Attend in the latent space? Only with a plain ``kv_b_proj`` (an adapter-wrapped one changes the
+        weight the absorption would read) and eager/sdpa masks."""
+        mode = self.config.mla_absorb
+        if mode == "never" or type(self.kv_b_proj) is not nn.Linear:
+            return False
+        if self.config._attn_implementation not in ("eager", "sdpa"):
+            return False
+        if mode == "always":
+            return True
+        return not self.training and new_tokens <= MLA_ABSORB_MAX_QUERY and total_tokens > new_tokens
+
+    def absorbed_attention(
+        self,
+        query_nope: torch.Tensor,
+        query_rope: torch.Tensor,
+        latent: torch.Tensor,
+        key_rope: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention over the cached latent without expanding it (DeepSeek's ``attn_impl="absorb"``):
+        ``kv_b_proj``'s key part is folded into the queries, its value part applied after attending.
+        ``query_*`` ``[batch, heads, new, dim]``, ``latent`` ``[batch, 1, total, kv_lora_rank]``, ``key_rope``
+        ``[batch, 1, total, rope]`` -> ``[batch, new, heads * v_head_dim]``."""
+        batch, _, new, _ = query_nope.shape
+        total = latent.shape[2]
+        weight = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        key_weight, value_weight = weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
+        query_latent = torch.einsum("bhsd,hdc->bhsc", query_nope, key_weight)  # [batch, heads, new, kv_lora_rank]
+        scores = query_latent @ latent.transpose(-1, -2) + query_rope @ key_rope.transpose(-1, -2)
+        scores = scores.float() * self.scaling  # [batch, heads, new, total]
+        if attention_mask is None:  # sdpa's "causal" shortcut: the new tokens are the last `new` positions
+            causal = torch.ones(new, total, dtype=torch.bool, device=scores.device).tril(total - new)
+            scores = scores.masked_fill(~causal, float("-inf"))
+        elif attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[..., :total], float("-inf"))
+        else:
+            scores = scores + attention_mask[..., :total]
+        probabilities = scores.softmax(dim=-1).to(latent.dtype)
+        context = probabilities @ latent  # [batch, heads, new, kv_lora_rank]
+        output = torch.einsum("bhsc,hvc->bshv", context, value_weight)
+        return output.reshape(batch, new, self.num_heads * self.v_head_dim)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -150,6 +197,9 @@ class MultiHeadLatentAttention(nn.Module):
         if past_key_values is not None:
             latent, key_rope = past_key_values.update(latent, key_rope, self.layer_idx)
 
+        if self.absorbs(seq, latent.shape[2]):
+            output = self.absorbed_attention(query_nope, query_rope, latent, key_rope, attention_mask)
+            return self.o_proj(output), None
         key, value = self.expand_latent(latent, key_rope)
         query = torch.cat((query_nope, query_rope), dim=-1)
         output, weights = attention_function(self.config)(

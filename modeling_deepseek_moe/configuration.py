@@ -31,6 +31,11 @@ class DeepseekMoEConfig(PreTrainedConfig):
         bias_update_speed: V3's auxiliary-loss-free balancing step gamma (0 freezes the correction bias).
         capacity_factor: V2-style token dropping in training (None = off): each expert keeps at most
             ``ceil(capacity_factor * T * K / E)`` assignments, those with the highest affinity.
+        mla_absorb: MLA attention in the latent space, ``kv_b_proj`` absorbed into the query and output
+            (DeepSeek's ``attn_impl="absorb"``): "decode" (default: for steps of at most
+            ``MLA_ABSORB_MAX_QUERY`` new tokens over a cache, in inference), "always" or "never".
+        mtp_loss_weight: V3's multi-token-prediction loss weight lambda (0.3 early in the paper, then 0.1);
+            0 leaves the MTP modules out of training.
     """
 
     # Which attention the family uses ("mha": Llama-style, "mla": Multi-head Latent Attention).
@@ -90,6 +95,8 @@ class DeepseekMoEConfig(PreTrainedConfig):
     comm_aux_loss_alpha: float = 0.0
     bias_update_speed: float = 0.001
     capacity_factor: float | None = None
+    mla_absorb: str = "decode"
+    mtp_loss_weight: float = 0.0
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.topk_method = TOPK_METHOD_ALIASES.get(self.topk_method, self.topk_method)
@@ -120,6 +127,8 @@ class DeepseekMoEConfig(PreTrainedConfig):
                 fail(f"`{name}` must be a positive integer, got {value!r}")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             fail(f"`q_lora_rank` must be a positive integer or null, got {self.q_lora_rank!r}")
+        if self.mla_absorb not in ("decode", "always", "never"):
+            fail(f"`mla_absorb` must be 'decode', 'always' or 'never', got {self.mla_absorb!r}")
         if self.qk_rope_head_dim % 2:
             fail(f"`qk_rope_head_dim` must be even (rotary pairs), got {self.qk_rope_head_dim}")
         if self.attention_type == "mha":

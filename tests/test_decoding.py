@@ -1,0 +1,55 @@
+"""Absorbed MLA attention (kv_b_proj folded into queries and outputs) against the expanded form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeling_deepseek_moe import DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
+
+from conftest import relative_error
+
+CLASSES = {"v2": DeepseekMoEV2ForCausalLM, "v3": DeepseekMoEV3ForCausalLM}
+
+
+def pair(official_checkpoint, family, attn, **overrides):
+    directory, _, _ = official_checkpoint(family, **overrides)
+    load = lambda mode: CLASSES[family].from_pretrained(directory, dtype=torch.float32, attn_implementation=attn, mla_absorb=mode)  # noqa: E731
+    return load("decode"), load("never")
+
+
+@pytest.mark.parametrize("family, attn", [("v3", "sdpa"), ("v3", "eager"), ("v2", "sdpa")])
+def test_absorbed_decoding_equals_expanded_over_33_steps_with_padding(official_checkpoint, family, attn):
+    absorbed, expanded = pair(official_checkpoint, family, attn)
+    ids = torch.randint(2, 256, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    kwargs = dict(max_new_tokens=33, do_sample=False, attention_mask=mask, pad_token_id=0,
+                  return_dict_in_generate=True, output_logits=True)
+    fast, slow = absorbed.generate(ids, **kwargs), expanded.generate(ids, **kwargs)
+    assert torch.equal(fast.sequences, slow.sequences)
+    assert relative_error(torch.stack(fast.logits), torch.stack(slow.logits)) < 1e-5
+
+
+def test_absorbed_prefill_and_multi_token_steps_equal_expanded(official_checkpoint):
+    directory, _, _ = official_checkpoint("v2", q_lora_rank=None)
+    always = DeepseekMoEV2ForCausalLM.from_pretrained(directory, dtype=torch.float32, mla_absorb="always")
+    never = DeepseekMoEV2ForCausalLM.from_pretrained(directory, dtype=torch.float32, mla_absorb="never")
+    ids = torch.randint(0, 256, (2, 14), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert relative_error(always(ids).logits, never(ids).logits) < 1e-5
+        cache_a = always(ids[:, :10], use_cache=True).past_key_values
+        cache_n = never(ids[:, :10], use_cache=True).past_key_values
+        step_a = always(ids[:, 10:], past_key_values=cache_a).logits  # 4 new tokens over a cache
+        step_n = never(ids[:, 10:], past_key_values=cache_n).logits
+    assert relative_error(step_a, step_n) < 1e-5
+
+
+def test_decode_mode_leaves_training_and_prefill_expanded(official_checkpoint):
+    model = DeepseekMoEV3ForCausalLM.from_pretrained(official_checkpoint("v3")[0], dtype=torch.float32)
+    attention = model.model.layers[0].self_attn
+    assert attention.absorbs(new_tokens=1, total_tokens=100)
+    assert not attention.absorbs(new_tokens=50, total_tokens=50)  # prefill
+    model.train()
+    assert not attention.absorbs(new_tokens=1, total_tokens=100)
