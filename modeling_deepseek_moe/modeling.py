@@ -8,6 +8,7 @@ Checkpoints are read and written in DeepSeek's official layout by :mod:`.checkpo
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,80 +16,21 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .checkpoint import load_official_checkpoint, save_official_checkpoint
-from .attention import MultiHeadAttention, MultiHeadLatentAttention
 from .configuration import DeepseekMoEConfig, DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config
-from .experts import DenseMLP, ExpertChunk
-from .moe import MoEBlock
+from .decoder import DeepseekMoEDecoderLayer, MultiTokenPredictionLayer
+from .experts import ExpertChunk
+from .mtp import mtp_loss, speculative_generate
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 from .routing import TopKRouter
 from .training import router_statistics, track_optimizer_steps
-
-
-class DeepseekMoEDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: attention (MHA or MLA) then a dense MLP or an MoE block (``mlp``)."""
-
-    def __init__(self, config: DeepseekMoEConfig, layer_idx: int) -> None:
-        super().__init__()
-        attention = MultiHeadLatentAttention if config.attention_type == "mla" else MultiHeadAttention
-        self.self_attn = attention(config, layer_idx)
-        self.mlp = MoEBlock(config) if config.is_moe_layer(layer_idx) else DenseMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(
-            self.input_layernorm(hidden_states),
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            **kwargs,
-        )
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-class MultiTokenPredictionLayer(DeepseekMoEDecoderLayer):
-    """DeepSeek-V3's MTP module: predicts token t+2 from the hidden state of token t and the embedding of
-    token t+1: ``block(eh_proj(cat(enorm(embed(t+1)), hnorm(h_t))))``, then ``shared_head.norm`` and the
-    model's shared output head. Stored in checkpoints as layer ``num_hidden_layers + depth``."""
-
-    def __init__(self, config: DeepseekMoEConfig, depth: int) -> None:
-        super().__init__(config, layer_idx=config.num_hidden_layers + depth)
-        self.enorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.hnorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
-        self.shared_head = nn.Module()
-        self.shared_head.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        next_token_embeds: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """``hidden_states`` of tokens t and ``next_token_embeds`` of tokens t+1, both ``[batch, seq, hidden]``
-        -> normalised hidden states ``[batch, seq, hidden]`` to feed the shared output head."""
-        merged = self.eh_proj(torch.cat((self.enorm(next_token_embeds), self.hnorm(hidden_states)), dim=-1))
-        merged = super().forward(merged, position_embeddings, attention_mask, **kwargs)
-        return self.shared_head.norm(merged)
 
 
 class DeepseekMoEPreTrainedModel(PreTrainedModel):
@@ -226,6 +168,14 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
         return sum(loss.to(losses[0].device) for loss in losses)
 
 
+@dataclass
+class DeepseekMoECausalLMOutput(MoeCausalLMOutputWithPast):
+    """transformers' MoE causal-LM output plus ``mtp_loss`` (V3's weighted multi-token-prediction loss,
+    already included in ``loss``)."""
+
+    mtp_loss: torch.FloatTensor | None = None
+
+
 class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -249,7 +199,7 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> DeepseekMoECausalLMOutput:
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -262,20 +212,36 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
         aux_loss = self.model.balance_loss()
-        loss = None
+        loss = multi_token_loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             if aux_loss is not None:
                 loss = loss + aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(
+            if self.config.mtp_loss_weight and len(self.model.mtp):
+                if input_ids is None:
+                    raise ValueError("the MTP loss (mtp_loss_weight > 0) needs `input_ids`")
+                multi_token_loss = mtp_loss(
+                    self, outputs.last_hidden_state, input_ids, labels, attention_mask, position_ids
+                )
+                loss = loss + multi_token_loss.to(loss.device)
+        return DeepseekMoECausalLMOutput(
             loss=loss,
             aux_loss=aux_loss,
+            mtp_loss=multi_token_loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
         )
+
+
+    def generate_with_mtp(
+        self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Greedy decoding with V3's MTP module drafting one token per step (identical output to greedy
+        ``generate``). Returns the sequence and ``{"acceptance_rate", "accepted", "drafted", "main_forwards"}``."""
+        return speculative_generate(self, input_ids, max_new_tokens, eos_token_id)
 
 
 # ---------------------------------------------------------------------- the three families
