@@ -264,6 +264,11 @@ def load_official_checkpoint(cls, name_or_path, *model_args, **kwargs):
                     "output_loading_info", "code_revision", "adapter_kwargs", "subfolder"):
         kwargs.pop(ignored, None)
     directory = resolve_directory(name_or_path, **hub_kwargs)
+    if isinstance(device_map, dict) and "num_expert_chunks" not in kwargs:
+        # A map that places expert chunks (e.g. placement.expert_device_map) fixes how many there are.
+        chunk_ids = [int(m[1]) for key in device_map if (m := re.search(r"\.experts\.chunks\.(\d+)$", key))]
+        if chunk_ids:
+            kwargs["num_expert_chunks"] = max(chunk_ids) + 1
     if config is None:
         config, unused = load_config(cls, directory, kwargs)
         if unused:
@@ -424,13 +429,14 @@ class StateFiller:
 
 # ---------------------------------------------------------------------- writing
 def parse_size(size: int | str) -> int:
+    """Bytes of ``size``: an int, or a string such as "5GB", "80GiB", "2TiB"."""
     if isinstance(size, int):
         return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", size.upper().replace("IB", "iB"))
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])(i?)B\s*", size, flags=re.IGNORECASE)
     if not match:
-        raise ValueError(f"max_shard_size {size!r}: expected an int or e.g. '5GB'")
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
-    return int(float(match[1]) * units[match[2]])
+        raise ValueError(f"size {size!r}: expected a number of bytes or e.g. '5GB', '80GiB'")
+    power = "KMGT".index(match[2].upper()) + 1
+    return int(float(match[1]) * (1024**power if match[3] else 1000**power))
 
 
 def plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[list[str]]:

@@ -42,8 +42,9 @@ class DeepseekMoEDecoderLayer(GradientCheckpointingLayer):
             past_key_values=past_key_values,
             **kwargs,
         )
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        # `.to(...)`: a device_map may place the attention, the MLP and the residual stream apart.
+        hidden_states = residual + hidden_states.to(residual.device)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)).to(hidden_states.device)
 
 
 class MultiTokenPredictionLayer(DeepseekMoEDecoderLayer):

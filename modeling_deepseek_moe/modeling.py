@@ -37,7 +37,9 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
     config_class = DeepseekMoEConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DeepseekMoEDecoderLayer", "ExpertChunk"]
+    # The smallest units a device_map may place: a decoder layer can be split (its residual adds and the
+    # MoE block move tensors where needed), so a layer's expert chunks can live apart from its attention.
+    _no_split_modules = ["MultiHeadAttention", "MultiHeadLatentAttention", "DenseMLP", "TopKRouter", "ExpertChunk", "RMSNorm"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False

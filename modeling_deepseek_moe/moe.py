@@ -41,17 +41,16 @@ class MoEBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])  # [tokens, hidden]
-        routing = self.gate(tokens)
-        topk_weights = routing.topk_weights
+        routing = self.gate(tokens)  # may sit on another device than the tokens under a device_map
+        topk_indices, topk_weights = routing.topk_indices.to(tokens.device), routing.topk_weights.to(tokens.device)
         if self.training and self.config.capacity_factor is not None:
-            keep = capacity_keep_mask(
-                routing.topk_indices, topk_weights, self.gate.num_experts, self.config.capacity_factor
-            )
+            keep = capacity_keep_mask(topk_indices, topk_weights, self.gate.num_experts, self.config.capacity_factor)
             topk_weights = topk_weights * keep  # a dropped assignment contributes nothing
-        output = self.experts(tokens, routing.topk_indices, topk_weights)  # a transposed view
+        output = self.experts(tokens, topk_indices, topk_weights)  # a transposed view
         if self.shared_experts is not None:
             # Into the shared experts' fresh contiguous output: no new buffer, a contiguous result.
-            output = self.shared_experts(tokens).add_(output)
+            shared = self.shared_experts(tokens)
+            output = shared.add_(output.to(shared.device)).to(tokens.device)
         output = output.reshape(shape)
         self.aux_loss = self.balance_loss(routing, shape[0] if len(shape) == 3 else 1) if self.training else None
         return output
