@@ -14,9 +14,11 @@ the key and file. Saving writes the same layout (load -> save is bit-exact), to 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
@@ -24,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import GenerationConfig
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import logging
@@ -33,6 +34,10 @@ logger = logging.get_logger(__name__)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 # DeepSeek's own model_type for each of this package's families: config.json in either schema loads.
 OFFICIAL_MODEL_TYPES = {"deepseek_moe_v1": "deepseek", "deepseek_moe_v2": "deepseek_v2", "deepseek_moe_v3": "deepseek_v3"}
 
@@ -117,6 +122,87 @@ class OfficialLayout:
         return official
 
 
+def official_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an official checkpoint of ``config`` (a config.json dict in DeepSeek's schema or
+    ours), in DeepSeek's order; FP8 scales excluded."""
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    layers = config["num_hidden_layers"]
+    mtp_layers = config.get("num_nextn_predict_layers", 0)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for layer in range(layers + mtp_layers):
+        prefix = f"model.layers.{layer}."
+        if layer >= layers:  # V3 multi-token prediction module
+            shapes.update({
+                prefix + "embed_tokens.weight": (vocab, hidden),
+                prefix + "enorm.weight": (hidden,),
+                prefix + "hnorm.weight": (hidden,),
+                prefix + "eh_proj.weight": (hidden, 2 * hidden),
+                prefix + "shared_head.norm.weight": (hidden,),
+                prefix + "shared_head.head.weight": (vocab, hidden),
+            })
+        shapes[prefix + "input_layernorm.weight"] = (hidden,)
+        shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
+        shapes.update(_attention_shapes(config, prefix + "self_attn.", hidden, heads))
+        shapes.update(_mlp_shapes(config, prefix + "mlp.", layer, hidden))
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def _attention_shapes(config, prefix, hidden, heads):
+    if OFFICIAL_MODEL_TYPES.get(config["model_type"], config["model_type"]) == "deepseek":
+        head_dim = hidden // heads
+        kv = config.get("num_key_value_heads") or heads
+        return {
+            prefix + "q_proj.weight": (heads * head_dim, hidden),
+            prefix + "k_proj.weight": (kv * head_dim, hidden),
+            prefix + "v_proj.weight": (kv * head_dim, hidden),
+            prefix + "o_proj.weight": (hidden, heads * head_dim),
+        }
+    qk_head = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
+    kv_rank = config["kv_lora_rank"]
+    shapes = {}
+    if config.get("q_lora_rank"):
+        q_rank = config["q_lora_rank"]
+        shapes[prefix + "q_a_proj.weight"] = (q_rank, hidden)
+        shapes[prefix + "q_a_layernorm.weight"] = (q_rank,)
+        shapes[prefix + "q_b_proj.weight"] = (heads * qk_head, q_rank)
+    else:
+        shapes[prefix + "q_proj.weight"] = (heads * qk_head, hidden)
+    shapes[prefix + "kv_a_proj_with_mqa.weight"] = (kv_rank + config["qk_rope_head_dim"], hidden)
+    shapes[prefix + "kv_a_layernorm.weight"] = (kv_rank,)
+    shapes[prefix + "kv_b_proj.weight"] = (heads * (config["qk_nope_head_dim"] + config["v_head_dim"]), kv_rank)
+    shapes[prefix + "o_proj.weight"] = (hidden, heads * config["v_head_dim"])
+    return shapes
+
+
+def _mlp_shapes(config, prefix, layer, hidden):
+    experts = config.get("n_routed_experts")
+    is_moe = experts and layer >= config["first_k_dense_replace"] and layer % config.get("moe_layer_freq", 1) == 0
+    if not is_moe:
+        width = config["intermediate_size"]
+        return {
+            prefix + "gate_proj.weight": (width, hidden),
+            prefix + "up_proj.weight": (width, hidden),
+            prefix + "down_proj.weight": (hidden, width),
+        }
+    width = config["moe_intermediate_size"]
+    shapes = {prefix + "gate.weight": (experts, hidden)}
+    if config.get("topk_method") == "noaux_tc":
+        shapes[prefix + "gate.e_score_correction_bias"] = (experts,)
+    for expert in range(experts):
+        shapes[f"{prefix}experts.{expert}.gate_proj.weight"] = (width, hidden)
+        shapes[f"{prefix}experts.{expert}.up_proj.weight"] = (width, hidden)
+        shapes[f"{prefix}experts.{expert}.down_proj.weight"] = (hidden, width)
+    if config.get("n_shared_experts"):
+        shared = width * config["n_shared_experts"]
+        shapes[prefix + "shared_experts.gate_proj.weight"] = (shared, hidden)
+        shapes[prefix + "shared_experts.up_proj.weight"] = (shared, hidden)
+        shapes[prefix + "shared_experts.down_proj.weight"] = (hidden, shared)
+    return shapes
+
+
 # ---------------------------------------------------------------------- reading
 def checkpoint_files(directory: str) -> dict[str, list[str]]:
     """``{file: [keys]}`` of a checkpoint folder, from its index (checked against the files) or its single
@@ -140,8 +226,7 @@ def checkpoint_files(directory: str) -> dict[str, list[str]]:
         path = os.path.join(directory, file)
         if not os.path.isfile(path):
             raise CheckpointError(f"{index_path}: names {file}, which does not exist (key {keys[0]!r})")
-        with open_safetensors(path) as handle:
-            present = set(handle.keys())
+        present = set(safetensors_header(path))  # also rejects a truncated file, naming it
         if keys is None:
             keys = sorted(present)
         missing = [key for key in keys if key not in present]
@@ -461,9 +546,8 @@ def write_weights(folder: str, tensors: dict[str, torch.Tensor], max_shard_size:
     ]
     weight_map, total = {}, 0
     for name, keys in zip(names, shards):
-        # Views into stacked experts share storage, which safetensors refuses: copy one shard at a time.
-        shard = {key: tensors[key].detach().to("cpu").clone().contiguous() for key in keys}
-        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+        shard = {key: tensors[key] for key in keys}
+        write_safetensors(os.path.join(folder, name), shard)
         total += sum(t.numel() * t.element_size() for t in shard.values())
         weight_map.update(dict.fromkeys(keys, name))
     if len(names) > 1:
@@ -473,16 +557,78 @@ def write_weights(folder: str, tensors: dict[str, torch.Tensor], max_shard_size:
     return names
 
 
+# ---------------------------------------------------------------------- safetensors files, streamed
+def safetensors_header(path: str) -> dict[str, dict]:
+    """``{key: {"dtype", "shape", "data_offsets"}}`` of a safetensors file, read without its data; a file
+    shorter than its header says (truncated) is a CheckpointError naming it."""
+    try:
+        with open(path, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(size))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not a safetensors file ({error})") from error
+    header.pop("__metadata__", None)
+    end = 8 + size + max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if os.path.getsize(path) < end:
+        raise CheckpointError(f"{path}: truncated ({os.path.getsize(path)} bytes, its header needs {end})")
+    return header
+
+
+def data_offsets(path: str) -> dict[str, int]:
+    """The absolute byte offset of each tensor's data in a safetensors file."""
+    with open(path, "rb") as handle:
+        size = struct.unpack("<Q", handle.read(8))[0]
+    return {name: 8 + size + entry["data_offsets"][0] for name, entry in safetensors_header(path).items()}
+
+
+def create_safetensors(path: str, entries: dict[str, tuple[str, list[int]]]) -> dict[str, int]:
+    """Create ``path`` as a safetensors file of ``{name: (dtype name, shape)}`` whose data is still to be
+    written (see :func:`write_tensor`); returns each tensor's absolute byte offset."""
+    header, offset, starts = {}, 0, {}
+    for name, (dtype, shape) in entries.items():
+        size = math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        starts[name] = offset
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        handle.truncate(8 + len(encoded) + offset)
+    return {name: 8 + len(encoded) + start for name, start in starts.items()}
+
+
+def write_tensor(handle, offset: int, tensor: torch.Tensor) -> None:
+    """Write ``tensor``'s bytes at ``offset`` of an open file (one contiguous CPU copy at most)."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    handle.seek(offset)
+    handle.write(data.numpy().data)
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Save ``tensors`` (views allowed) to ``path`` one tensor at a time, through ``path.tmp`` and a rename:
+    no serialized copy of the whole file is ever held in memory."""
+    temporary = path + ".tmp"
+    offsets = create_safetensors(temporary, {k: (DTYPE_NAMES[t.dtype], list(t.shape)) for k, t in tensors.items()})
+    with open(temporary, "r+b") as handle:
+        for key, tensor in tensors.items():
+            write_tensor(handle, offsets[key], tensor)
+    os.replace(temporary, path)
+
+
 def remote_code_files() -> list[str]:
     """This package's modeling file and every file it imports relatively (what trust_remote_code needs)."""
     modeling = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling.py")
     return [modeling, *get_relative_import_files(modeling)]
 
 
-def auto_map(model) -> dict[str, str]:
-    family = type(model.config).__name__.removeprefix("DeepseekMoE").removesuffix("Config")  # "V1", "V2", "V3"
+def auto_map(config_class: type) -> dict[str, str]:
+    """The ``auto_map`` of a folder saved with this package's code, for ``trust_remote_code``."""
+    family = config_class.__name__.removeprefix("DeepseekMoE").removesuffix("Config")  # "V1", "V2", "V3"
     return {
-        "AutoConfig": f"configuration.{type(model.config).__name__}",
+        "AutoConfig": f"configuration.{config_class.__name__}",
         "AutoModel": f"modeling.DeepseekMoE{family}Model",
         "AutoModelForCausalLM": f"modeling.DeepseekMoE{family}ForCausalLM",
         "AutoModelForSequenceClassification": f"modeling.DeepseekMoE{family}ForSequenceClassification",
@@ -508,7 +654,7 @@ def save_official_checkpoint(model, save_directory: str | os.PathLike, state_dic
         written = write_weights(staging, tensors, max_shard_size)
         config = model.config
         config.architectures = [type(model).__name__]
-        config.auto_map = auto_map(model)
+        config.auto_map = auto_map(type(config))
         config.dtype = model.dtype
         config.save_pretrained(staging)
         written.append("config.json")

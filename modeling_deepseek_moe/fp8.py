@@ -7,12 +7,22 @@ blocks partial. ``scale_fmt="ue8m0"`` (DeepSeek-V3.1) rounds every scale up to a
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 BLOCK = (128, 128)
 SCALE_FORMATS = ("float", "ue8m0")
+# The weights DeepSeek-V3 stores in FP8: attention projections and every MLP projection (dense, shared,
+# routed). Embeddings, heads, norms, the router and MTP's eh_proj stay in bf16.
+QUANTIZED_KEY = re.compile(
+    r"\.(self_attn\.(q_proj|k_proj|v_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$"
+)
+SCALE_SUFFIX = ".weight_scale_inv"
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = BLOCK) -> tuple[int, ...]:
@@ -63,3 +73,15 @@ def dequantize_fp8_blockwise(
         )
     values = weight.to(torch.float32) * _expand_blocks(scale_inv.float(), rows, cols, block)
     return values.to(dtype)
+
+
+def quantize_tensors(tensors: dict[str, torch.Tensor], scale_fmt: str = "float") -> dict[str, torch.Tensor]:
+    """Official-layout ``tensors``: the weights DeepSeek quantizes (``QUANTIZED_KEY``) -> FP8 + their
+    ``weight_scale_inv``; everything else unchanged."""
+    out = {}
+    for key, tensor in tensors.items():
+        if QUANTIZED_KEY.search(key) and tensor.dtype != FP8_DTYPE:
+            out[key], out[key.removesuffix(".weight") + SCALE_SUFFIX] = quantize_fp8_blockwise(tensor, scale_fmt=scale_fmt)
+        else:
+            out[key] = tensor
+    return out

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .checkpoint import official_tensor_shapes
+
 # Small configs in DeepSeek's own schema, one per released family.
 TINY_OFFICIAL_CONFIGS: dict[str, dict[str, Any]] = {
     "v1": {
@@ -150,86 +152,6 @@ def tiny_official_config(family: str, **overrides: Any) -> dict[str, Any]:
     config = json.loads(json.dumps(TINY_OFFICIAL_CONFIGS[family]))
     config.update(overrides)
     return config
-
-
-def official_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an official checkpoint of ``config`` (DeepSeek's schema), in DeepSeek's order."""
-    hidden, vocab = config["hidden_size"], config["vocab_size"]
-    heads = config["num_attention_heads"]
-    layers = config["num_hidden_layers"]
-    mtp_layers = config.get("num_nextn_predict_layers", 0)
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for layer in range(layers + mtp_layers):
-        prefix = f"model.layers.{layer}."
-        if layer >= layers:  # V3 multi-token prediction module
-            shapes.update({
-                prefix + "embed_tokens.weight": (vocab, hidden),
-                prefix + "enorm.weight": (hidden,),
-                prefix + "hnorm.weight": (hidden,),
-                prefix + "eh_proj.weight": (hidden, 2 * hidden),
-                prefix + "shared_head.norm.weight": (hidden,),
-                prefix + "shared_head.head.weight": (vocab, hidden),
-            })
-        shapes[prefix + "input_layernorm.weight"] = (hidden,)
-        shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
-        shapes.update(_attention_shapes(config, prefix + "self_attn.", hidden, heads))
-        shapes.update(_mlp_shapes(config, prefix + "mlp.", layer, hidden))
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
-
-
-def _attention_shapes(config, prefix, hidden, heads):
-    if config["model_type"] == "deepseek":
-        head_dim = hidden // heads
-        kv = config.get("num_key_value_heads") or heads
-        return {
-            prefix + "q_proj.weight": (heads * head_dim, hidden),
-            prefix + "k_proj.weight": (kv * head_dim, hidden),
-            prefix + "v_proj.weight": (kv * head_dim, hidden),
-            prefix + "o_proj.weight": (hidden, heads * head_dim),
-        }
-    qk_head = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
-    kv_rank = config["kv_lora_rank"]
-    shapes = {}
-    if config.get("q_lora_rank"):
-        q_rank = config["q_lora_rank"]
-        shapes[prefix + "q_a_proj.weight"] = (q_rank, hidden)
-        shapes[prefix + "q_a_layernorm.weight"] = (q_rank,)
-        shapes[prefix + "q_b_proj.weight"] = (heads * qk_head, q_rank)
-    else:
-        shapes[prefix + "q_proj.weight"] = (heads * qk_head, hidden)
-    shapes[prefix + "kv_a_proj_with_mqa.weight"] = (kv_rank + config["qk_rope_head_dim"], hidden)
-    shapes[prefix + "kv_a_layernorm.weight"] = (kv_rank,)
-    shapes[prefix + "kv_b_proj.weight"] = (heads * (config["qk_nope_head_dim"] + config["v_head_dim"]), kv_rank)
-    shapes[prefix + "o_proj.weight"] = (hidden, heads * config["v_head_dim"])
-    return shapes
-
-
-def _mlp_shapes(config, prefix, layer, hidden):
-    experts = config.get("n_routed_experts")
-    is_moe = experts and layer >= config["first_k_dense_replace"] and layer % config.get("moe_layer_freq", 1) == 0
-    if not is_moe:
-        width = config["intermediate_size"]
-        return {
-            prefix + "gate_proj.weight": (width, hidden),
-            prefix + "up_proj.weight": (width, hidden),
-            prefix + "down_proj.weight": (hidden, width),
-        }
-    width = config["moe_intermediate_size"]
-    shapes = {prefix + "gate.weight": (experts, hidden)}
-    if config.get("topk_method") == "noaux_tc":
-        shapes[prefix + "gate.e_score_correction_bias"] = (experts,)
-    for expert in range(experts):
-        shapes[f"{prefix}experts.{expert}.gate_proj.weight"] = (width, hidden)
-        shapes[f"{prefix}experts.{expert}.up_proj.weight"] = (width, hidden)
-        shapes[f"{prefix}experts.{expert}.down_proj.weight"] = (hidden, width)
-    if config.get("n_shared_experts"):
-        shared = width * config["n_shared_experts"]
-        shapes[prefix + "shared_experts.gate_proj.weight"] = (shared, hidden)
-        shapes[prefix + "shared_experts.up_proj.weight"] = (shared, hidden)
-        shapes[prefix + "shared_experts.down_proj.weight"] = (hidden, shared)
-    return shapes
 
 
 def random_official_state(config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -1,0 +1,7 @@
+"""`deepseek-moe-convert dequantize` as a script: python conversion/dequantize.py --help"""
+
+import sys
+
+from modeling_deepseek_moe.conversion import main
+
+sys.exit(main(["dequantize", *sys.argv[1:]]))

@@ -1,0 +1,7 @@
+"""`deepseek-moe-convert to-official` as a script: python conversion/to_official.py --help"""
+
+import sys
+
+from modeling_deepseek_moe.conversion import main
+
+sys.exit(main(["to-official", *sys.argv[1:]]))
