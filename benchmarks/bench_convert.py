@@ -121,16 +121,18 @@ def main() -> None:
         ("verify (fp8 vs bf16)", ["verify", path("fp8"), path("bf16-again")], "fp8", "bf16-again"),
     ]
     rows = []
-    print(f"{'subcommand':30s} {'source GB':>9s} {'largest shard MB':>16s} {'peak RSS GB':>11s} {'bound GB':>8s} {'s':>6s}")
+    print(f"{'subcommand':30s} {'source GB':>9s} {'largest shard MB (src/dst)':>26s} {'peak RSS GB':>11s} {'bound GB':>8s} {'s':>6s}")
     for name, arguments, source, result in steps:
         measured = run(arguments)
-        shard = max(largest_shard(path(source)), largest_shard(path(result)))
+        shards = largest_shard(path(source)), largest_shard(path(result))
+        shard = max(shards)
         size = sum(os.path.getsize(os.path.join(path(source), f)) for f in os.listdir(path(source)))
-        row = dict(subcommand=name, source_bytes=size, largest_shard_bytes=shard, peak_rss_bytes=measured["peak_rss"],
+        row = dict(subcommand=name, source_bytes=size, largest_source_shard_bytes=shards[0],
+                   largest_result_shard_bytes=shards[1], peak_rss_bytes=measured["peak_rss"],
                    bound_bytes=2 * shard + GiB, within_bound=measured["peak_rss"] <= 2 * shard + GiB,
                    seconds=round(measured["seconds"], 1))
         rows.append(row)
-        print(f"{name:30s} {size / 1e9:9.2f} {shard / 1e6:16.0f} {row['peak_rss_bytes'] / 1e9:11.2f} "
+        print(f"{name:30s} {size / 1e9:9.2f} {f'{shards[0] / 1e6:.0f} / {shards[1] / 1e6:.0f}':>26s} {row['peak_rss_bytes'] / 1e9:11.2f} "
               f"{row['bound_bytes'] / 1e9:8.2f} {row['seconds']:6.1f}" + ("" if row["within_bound"] else "  OVER"))
         for stale in ("official", "ours-bf16"):  # keep the disk use down
             shutil.rmtree(path(stale), ignore_errors=True)

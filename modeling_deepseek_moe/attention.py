@@ -16,6 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .configuration import DeepseekMoEConfig
+from .fp8 import FP8Linear, projection
 from .norm import RMSNorm
 from .rope import apply_rotary, apply_rotary_interleaved, softmax_scale
 
@@ -43,10 +44,10 @@ class MultiHeadAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = projection(config, config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = projection(config, config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = projection(config, config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = projection(config, self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
     def forward(
         self,
@@ -100,17 +101,17 @@ class MultiHeadLatentAttention(nn.Module):
         bias = config.attention_bias
         hidden = config.hidden_size
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=False)
+            self.q_proj = projection(config, hidden, self.num_heads * self.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_proj = projection(config, hidden, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = projection(config, self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = projection(config, hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(
-            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        self.kv_b_proj = projection(
+            config, self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
-        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=bias)
+        self.o_proj = projection(config, self.num_heads * self.v_head_dim, hidden, bias=bias)
 
     def project_queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[batch, seq, hidden]`` -> ``[batch, heads, seq, qk_head_dim]`` (rope dims still unrotated)."""
@@ -134,7 +135,7 @@ class MultiHeadLatentAttention(nn.Module):
         """Attend in the latent space? Only with a plain ``kv_b_proj`` (an adapter-wrapped one changes the
         weight the absorption would read) and eager/sdpa masks."""
         mode = self.config.mla_absorb
-        if mode == "never" or type(self.kv_b_proj) is not nn.Linear:
+        if mode == "never" or type(self.kv_b_proj) not in (nn.Linear, FP8Linear):
             return False
         if self.config._attn_implementation not in ("eager", "sdpa"):
             return False
@@ -156,7 +157,10 @@ class MultiHeadLatentAttention(nn.Module):
         ``[batch, 1, total, rope]`` -> ``[batch, new, heads * v_head_dim]``."""
         batch, _, new, _ = query_nope.shape
         total = latent.shape[2]
-        weight = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        weight = self.kv_b_proj.weight
+        if isinstance(self.kv_b_proj, FP8Linear):  # dequantized for this step only, as DeepSeek's absorb mode does
+            weight = self.kv_b_proj.dequantized_weight(latent.dtype)
+        weight = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         key_weight, value_weight = weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
         query_latent = torch.einsum("bhsd,hdc->bhsc", query_nope, key_weight)  # [batch, heads, new, kv_lora_rank]
         scores = query_latent @ latent.transpose(-1, -2) + query_rope @ key_rope.transpose(-1, -2)

@@ -21,7 +21,7 @@ import shutil
 import struct
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +41,12 @@ DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 # DeepSeek's own model_type for each of this package's families: config.json in either schema loads.
 OFFICIAL_MODEL_TYPES = {"deepseek_moe_v1": "deepseek", "deepseek_moe_v2": "deepseek_v2", "deepseek_moe_v3": "deepseek_v3"}
 
-_EXPERT_KEY = re.compile(r"^(?P<prefix>model\.(?:layers|mtp)\.\d+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
-_CHUNK_PARAM = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.chunks\.(?P<chunk>\d+)\.(?P<param>gate_up_proj|down_proj)$")
+_EXPERT_KEY = re.compile(
+    r"^(?P<prefix>model\.(?:layers|mtp)\.\d+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.(?P<kind>weight|weight_scale_inv)$"
+)
+_CHUNK_PARAM = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.chunks\.(?P<chunk>\d+)\.(?P<param>gate_up_proj|down_proj)(?P<scale>_scale_inv)?$"
+)
 _LAYER_KEY = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
 _MTP_PARAM = re.compile(r"^model\.mtp\.(?P<depth>\d+)\.(?P<rest>.+)$")
 # Tensors of the official MTP layer that are copies of the main model's embedding and output head.
@@ -73,6 +77,10 @@ class OfficialLayout:
         if config.n_routed_experts:
             self.experts_per_chunk = config.n_routed_experts // config.num_expert_chunks
         self.intermediate = config.moe_intermediate_size
+        quantization = getattr(config, "quantization_config", None) or {}
+        block_rows = quantization.get("weight_block_size", [128])[0]
+        # Where a stacked gate_up tensor's up part starts: row I of the weight, row ceil(I/128) of its scales.
+        self.gate_up_split = {False: self.intermediate, True: -(-self.intermediate // block_rows) if self.intermediate else None}
 
     def slot(self, key: str) -> Slot | None:
         """The in-memory slot of official ``key``; None for tensors this model does not hold (the MTP
@@ -87,9 +95,10 @@ class OfficialLayout:
         if expert is None:
             return Slot(key)
         chunk, index = divmod(int(expert["expert"]), self.experts_per_chunk)
-        proj = expert["proj"]
-        param = f"{expert['prefix']}.chunks.{chunk}.{'down_proj' if proj == 'down' else 'gate_up_proj'}"
-        rows = {"gate": slice(0, self.intermediate), "up": slice(self.intermediate, None), "down": None}[proj]
+        proj, scale = expert["proj"], expert["kind"] == "weight_scale_inv"
+        param = f"{expert['prefix']}.chunks.{chunk}.{'down_proj' if proj == 'down' else 'gate_up_proj'}" + ("_scale_inv" if scale else "")
+        split = self.gate_up_split[scale]
+        rows = {"gate": slice(0, split), "up": slice(split, None), "down": None}[proj]
         return Slot(param, index, rows)
 
     def official_items(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -102,13 +111,15 @@ class OfficialLayout:
             yield name, tensor
             return
         first = int(chunk["chunk"]) * self.experts_per_chunk
+        kind = "weight_scale_inv" if chunk["scale"] else "weight"
+        split = self.gate_up_split[bool(chunk["scale"])]
         for index in range(tensor.shape[0]):
             prefix = f"{chunk['prefix']}.{first + index}"
             if chunk["param"] == "down_proj":
-                yield f"{prefix}.down_proj.weight", tensor[index]
+                yield f"{prefix}.down_proj.{kind}", tensor[index]
             else:
-                yield f"{prefix}.gate_proj.weight", tensor[index, : self.intermediate]
-                yield f"{prefix}.up_proj.weight", tensor[index, self.intermediate :]
+                yield f"{prefix}.gate_proj.{kind}", tensor[index, :split]
+                yield f"{prefix}.up_proj.{kind}", tensor[index, split:]
 
     def official_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The whole official state (views, no copies) of an in-memory state dict with ``model.`` names."""
@@ -360,11 +371,6 @@ def load_official_checkpoint(cls, name_or_path, *model_args, **kwargs):
             raise TypeError(f"{cls.__name__}.from_pretrained got unknown arguments {sorted(unused)}")
     elif kwargs:
         raise TypeError(f"{cls.__name__}.from_pretrained got unknown arguments {sorted(kwargs)}")
-    if config.quantization_config:
-        raise CheckpointError(
-            f"{directory}: quantization_config {config.quantization_config} - FP8 checkpoints are not loadable "
-            "yet; dequantize them to bf16 first"
-        )
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     dtype = resolve_dtype(dtype, config)
@@ -430,8 +436,6 @@ class StateFiller:
         """Every checkpoint key must land in a parameter (checked before any tensor is read)."""
         for file, keys in files.items():
             for key in keys:
-                if key.endswith("weight_scale_inv"):
-                    raise CheckpointError(f"{file}: {key!r} is an FP8 scale; FP8 checkpoints are not loadable yet")
                 slot = self.layout.slot(key)
                 if slot is None:
                     layer = _LAYER_KEY.match(key)
@@ -457,9 +461,16 @@ class StateFiller:
         expected = current.shape if slot.index is None else current[slot.index][slot.rows or slice(None)].shape
         if tuple(tensor.shape) != tuple(expected):
             raise CheckpointError(f"{path}: tensor {key!r} has shape {list(tensor.shape)}, expected {list(expected)}")
-        dtype = current.dtype if current.dtype == torch.float32 and attr == "e_score_correction_bias" else self.dtype
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected a floating point one")
+        if (tensor.dtype == torch.float8_e4m3fn) != (current.dtype == torch.float8_e4m3fn):
+            expected = "float8_e4m3fn (config.json has an FP8 quantization_config)" if current.dtype == torch.float8_e4m3fn \
+                else "a non-FP8 dtype (config.json has no FP8 quantization_config for it)"
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected {expected}")
+        # FP8 weights, their float32 scales and V3's float32 router bias keep their own dtype.
+        keeps_dtype = current.dtype == torch.float8_e4m3fn or attr.endswith("_scale_inv") or (
+            current.dtype == torch.float32 and attr == "e_score_correction_bias")
+        dtype = current.dtype if keeps_dtype else self.dtype
         device = device_for(slot.param.removeprefix(self.prefix), self.device_map)
         if slot.index is None:
             self.assign(module, attr, is_param, tensor.to(device=device, dtype=dtype, copy=True))
@@ -492,7 +503,8 @@ class StateFiller:
                     raise CheckpointError(f"checkpoint has no tensor for parameter {name!r}: it would stay uninitialised")
                 continue
             tensor = getattr(module, attr)
-            parts = [(i, start) for i in range(tensor.shape[0]) for start in ((None,) if chunk["param"] == "down_proj" else (0, self.layout.intermediate))]
+            split = self.layout.gate_up_split[bool(chunk["scale"])]
+            parts = [(i, start) for i in range(tensor.shape[0]) for start in ((None,) if chunk["param"] == "down_proj" else (0, split))]
             for part in parts:
                 if part not in self.filled[name]:
                     keys = [k for k, _ in self.layout.official_items(name, tensor)]
@@ -558,9 +570,9 @@ def write_weights(folder: str, tensors: dict[str, torch.Tensor], max_shard_size:
 
 
 # ---------------------------------------------------------------------- safetensors files, streamed
-def safetensors_header(path: str) -> dict[str, dict]:
-    """``{key: {"dtype", "shape", "data_offsets"}}`` of a safetensors file, read without its data; a file
-    shorter than its header says (truncated) is a CheckpointError naming it."""
+def read_header(path: str) -> tuple[dict[str, dict], int]:
+    """``({key: {"dtype", "shape", "data_offsets"}}, byte offset of the data)`` of a safetensors file, read
+    without its data; a file shorter than its header says (truncated) is a CheckpointError naming it."""
     try:
         with open(path, "rb") as handle:
             size = struct.unpack("<Q", handle.read(8))[0]
@@ -571,14 +583,18 @@ def safetensors_header(path: str) -> dict[str, dict]:
     end = 8 + size + max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if os.path.getsize(path) < end:
         raise CheckpointError(f"{path}: truncated ({os.path.getsize(path)} bytes, its header needs {end})")
-    return header
+    return header, 8 + size
+
+
+def safetensors_header(path: str) -> dict[str, dict]:
+    """The header of a safetensors file (see :func:`read_header`)."""
+    return read_header(path)[0]
 
 
 def data_offsets(path: str) -> dict[str, int]:
     """The absolute byte offset of each tensor's data in a safetensors file."""
-    with open(path, "rb") as handle:
-        size = struct.unpack("<Q", handle.read(8))[0]
-    return {name: 8 + size + entry["data_offsets"][0] for name, entry in safetensors_header(path).items()}
+    header, start = read_header(path)
+    return {name: start + entry["data_offsets"][0] for name, entry in header.items()}
 
 
 def create_safetensors(path: str, entries: dict[str, tuple[str, list[int]]]) -> dict[str, int]:
@@ -607,15 +623,97 @@ def write_tensor(handle, offset: int, tensor: torch.Tensor) -> None:
     handle.write(data.numpy().data)
 
 
+class SafetensorsReader:
+    """Tensors of one safetensors file read with plain file reads, one at a time. Unlike a memory map,
+    nothing stays resident after the caller drops a tensor (mapped pages of a shard count in the
+    process's resident memory until it is closed)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.header, self.start = read_header(path)
+        self.handle = open(path, "rb")
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        if key not in self.header:
+            raise CheckpointError(f"{self.path}: no tensor {key!r}")
+        entry = self.header[key]
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        self.handle.seek(self.start + begin)
+        self.handle.readinto(buffer)
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+
+
+class SafetensorsWriter:
+    """Write tensors one at a time into a safetensors file (through ``path.tmp``, renamed on success).
+    The data goes right behind ``header_bytes`` reserved for the header (padding with spaces is valid
+    safetensors); a header that outgrows the reservation is moved by one streamed copy."""
+
+    def __init__(self, path: str, header_bytes: int) -> None:
+        self.path, self.temporary, self.reserved = path, path + ".tmp", header_bytes + (-header_bytes % 8)
+        self.handle = open(self.temporary, "wb")
+        self.handle.seek(8 + self.reserved)
+        self.header: dict[str, dict] = {}
+        self.size = 0
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        self.header[key] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [self.size, self.size + nbytes]}
+        write_tensor(self.handle, 8 + self.reserved + self.size, tensor)
+        self.size += nbytes
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.handle.close()
+            os.remove(self.temporary)
+            return
+        encoded = json.dumps({**self.header, "__metadata__": {"format": "pt"}}, separators=(",", ":")).encode()
+        if len(encoded) <= self.reserved:
+            self.handle.seek(0)
+            self.handle.write(struct.pack("<Q", self.reserved) + encoded.ljust(self.reserved))
+            self.handle.close()
+        else:
+            self.handle.close()
+            self._move_data(encoded + b" " * (-len(encoded) % 8))
+        os.replace(self.temporary, self.path)
+
+    def _move_data(self, encoded: bytes) -> None:
+        moved = self.temporary + ".moved"
+        with open(self.temporary, "rb") as source, open(moved, "wb") as target:
+            target.write(struct.pack("<Q", len(encoded)) + encoded)
+            source.seek(8 + self.reserved)
+            shutil.copyfileobj(source, target, 64 * 2**20)
+        os.replace(moved, self.temporary)
+
+
+def header_bytes_for(keys: Iterable[str], tensors_per_key: int = 1) -> int:
+    """A header reservation enough for ``keys`` (each possibly becoming ``tensors_per_key`` tensors with
+    a suffix, e.g. a weight and its ``weight_scale_inv``)."""
+    return 64 + tensors_per_key * sum(len(key) + 128 for key in keys)
+
+
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
     """Save ``tensors`` (views allowed) to ``path`` one tensor at a time, through ``path.tmp`` and a rename:
     no serialized copy of the whole file is ever held in memory."""
-    temporary = path + ".tmp"
-    offsets = create_safetensors(temporary, {k: (DTYPE_NAMES[t.dtype], list(t.shape)) for k, t in tensors.items()})
-    with open(temporary, "r+b") as handle:
+    with SafetensorsWriter(path, header_bytes_for(tensors)) as writer:
         for key, tensor in tensors.items():
-            write_tensor(handle, offsets[key], tensor)
-    os.replace(temporary, path)
+            writer.add(key, tensor)
 
 
 def remote_code_files() -> list[str]:

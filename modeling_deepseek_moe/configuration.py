@@ -36,6 +36,10 @@ class DeepseekMoEConfig(PreTrainedConfig):
             ``MLA_ABSORB_MAX_QUERY`` new tokens over a cache, in inference), "always" or "never".
         mtp_loss_weight: V3's multi-token-prediction loss weight lambda (0.3 early in the paper, then 0.1);
             0 leaves the MTP modules out of training.
+        fp8_compute: with an FP8 ``quantization_config``, how quantized weights multiply: "auto" (FP8
+            GEMMs with activations quantized per 1 x 128 group where the GPU has them, compute capability
+            >= 8.9; else "dequantize"), "dequantize" (each weight dequantized for the product that uses it,
+            memory stays FP8) or "scaled" (always FP8 activations; emulated without FP8 kernels).
     """
 
     # Which attention the family uses ("mha": Llama-style, "mla": Multi-head Latent Attention).
@@ -97,6 +101,7 @@ class DeepseekMoEConfig(PreTrainedConfig):
     capacity_factor: float | None = None
     mla_absorb: str = "decode"
     mtp_loss_weight: float = 0.0
+    fp8_compute: str = "auto"
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.topk_method = TOPK_METHOD_ALIASES.get(self.topk_method, self.topk_method)
@@ -129,6 +134,7 @@ class DeepseekMoEConfig(PreTrainedConfig):
             fail(f"`q_lora_rank` must be a positive integer or null, got {self.q_lora_rank!r}")
         if self.mla_absorb not in ("decode", "always", "never"):
             fail(f"`mla_absorb` must be 'decode', 'always' or 'never', got {self.mla_absorb!r}")
+        self._validate_quantization(fail)
         if self.qk_rope_head_dim % 2:
             fail(f"`qk_rope_head_dim` must be even (rotary pairs), got {self.qk_rope_head_dim}")
         if self.attention_type == "mha":
@@ -145,6 +151,24 @@ class DeepseekMoEConfig(PreTrainedConfig):
         if self.n_routed_experts is None:
             return
         self._validate_routing(fail)
+
+    def _validate_quantization(self, fail) -> None:
+        if self.fp8_compute not in ("auto", "dequantize", "scaled"):
+            fail(f"`fp8_compute` must be 'auto', 'dequantize' or 'scaled', got {self.fp8_compute!r}")
+        quantization = self.quantization_config
+        if not quantization:
+            return
+        if not isinstance(quantization, dict):
+            quantization = self.quantization_config = quantization.to_dict()
+        expected = {"quant_method": ("fp8",), "fmt": ("e4m3",), "activation_scheme": ("dynamic",),
+                    "scale_fmt": (None, "float", "ue8m0")}
+        for name, allowed in expected.items():
+            if quantization.get(name, allowed[0]) not in allowed:
+                fail(f"`quantization_config.{name}` must be one of {list(allowed)} (DeepSeek's block-wise FP8), "
+                     f"got {quantization.get(name)!r}")
+        block = quantization.get("weight_block_size", [128, 128])
+        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            fail(f"`quantization_config.weight_block_size` must be two positive integers, got {block!r}")
 
     def _validate_routing(self, fail) -> None:
         experts, top_k = self.n_routed_experts, self.num_experts_per_tok

@@ -35,11 +35,11 @@ from .checkpoint import (
     create_safetensors,
     data_offsets,
     official_tensor_shapes,
-    open_safetensors,
-    read_tensor,
+    SafetensorsReader,
+    SafetensorsWriter,
+    header_bytes_for,
     remote_code_files,
     safetensors_header,
-    write_safetensors,
     write_tensor,
 )
 from .configuration import DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config
@@ -187,17 +187,19 @@ def convert(source: Source, destination: str, plan: Plan, overwrite: bool = Fals
                 weight_map.update(dict.fromkeys(safetensors_header(os.path.join(work, file)), file))
             progress.update(os.path.getsize(path))
             continue
-        tensors = read_tensors(source.directory, file, entries)
-        summary.tensors_in += len(tensors)
-        summary.bytes_in += sum(t.numel() * t.element_size() for t in tensors.values())
-        companions = read_companion_scales(source, file, tensors)
-        converted = plan.tensors(tensors, companions)
-        del tensors, companions
-        if converted:
-            write_safetensors(os.path.join(work, file), converted)
-            weight_map.update(dict.fromkeys(converted, file))
-        summary.tensors_out += len(converted)
-        summary.bytes_out += sum(t.numel() * t.element_size() for t in converted.values())
+        target = os.path.join(work, file)
+        with SafetensorsReader(path) as reader, SafetensorsWriter(target, header_bytes_for(entries, 2)) as writer:
+            for group in weight_groups(entries):
+                tensors = {key: reader.get_tensor(key) for key in group}
+                summary.tensors_in += len(tensors)
+                summary.bytes_in += sum(t.numel() * t.element_size() for t in tensors.values())
+                for key, tensor in plan.tensors(tensors, read_companion_scales(source, file, tensors)).items():
+                    writer.add(key, tensor)
+                    weight_map[key] = file
+                    summary.tensors_out += 1
+                    summary.bytes_out += tensor.numel() * tensor.element_size()
+        if not writer.header:  # every tensor of this shard was dropped
+            os.remove(target)
         finished.append(file)
         record(work, plan, finished)
         progress.update(os.path.getsize(path))
@@ -208,10 +210,17 @@ def convert(source: Source, destination: str, plan: Plan, overwrite: bool = Fals
     return summary
 
 
-def read_tensors(directory: str, file: str, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-    path = os.path.join(directory, file)
-    with open_safetensors(path) as handle:
-        return {key: read_tensor(handle, key, path) for key in keys}
+def weight_groups(keys: Iterable[str]) -> list[list[str]]:
+    """A shard's keys in conversion units: each weight with its ``weight_scale_inv`` when both are here."""
+    keys = list(keys)
+    present = set(keys)
+    groups = []
+    for key in keys:
+        if key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) + ".weight" in present:
+            continue  # goes with its weight
+        scale = key.removesuffix(".weight") + SCALE_SUFFIX
+        groups.append([key, scale] if key.endswith(".weight") and scale in present else [key])
+    return groups
 
 
 def read_companion_scales(source: Source, file: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -224,7 +233,8 @@ def read_companion_scales(source: Source, file: str, tensors: dict[str, torch.Te
             elsewhere[keys[scale]].append(scale)
     companions = {}
     for other, scales in elsewhere.items():
-        companions.update(read_tensors(source.directory, other, scales))
+        with SafetensorsReader(os.path.join(source.directory, other)) as reader:
+            companions.update({scale: reader.get_tensor(scale) for scale in scales})
     return companions
 
 
@@ -261,7 +271,7 @@ def publish(work: str, destination: str) -> None:
 # Fields this package writes into config.json that DeepSeek's schema does not have.
 PACKAGE_ONLY_FIELDS = {
     "auto_map", "head_dim", "qk_head_dim", "num_expert_chunks", "device_aux_loss_alpha", "comm_aux_loss_alpha",
-    "bias_update_speed", "capacity_factor", "mla_absorb", "mtp_loss_weight", "output_router_logits",
+    "bias_update_speed", "capacity_factor", "mla_absorb", "mtp_loss_weight", "fp8_compute", "output_router_logits",
     "rope_parameters", "transformers_version", "dtype",
 }
 
@@ -447,7 +457,7 @@ def read_lora_adapter(adapter_directory: str, config: dict) -> dict[str, LoraFac
             raise CheckpointError(f"{config_path}: {unsupported} is set; merge such an adapter with PEFT's merge_and_unload")
     factors: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     modules: dict[str, str] = {}  # parameter -> the PEFT-wrapped module (what rank/alpha patterns match)
-    with open_safetensors(weights_path) as handle:
+    with SafetensorsReader(weights_path) as handle:
         for key in handle.keys():
             name = key.removeprefix(PEFT_PREFIX)
             match = LINEAR_LORA_KEY.match(name) or EXPERT_LORA_KEY.match(name)
@@ -455,7 +465,7 @@ def read_lora_adapter(adapter_directory: str, config: dict) -> dict[str, LoraFac
                 raise CheckpointError(f"{weights_path}: tensor {key!r} is not a LoRA factor this merge knows")
             projection = match.groupdict().get("projection")
             param = match["module"] + (f".{projection}_proj" if projection else ".weight")
-            factors[param][match["factor"]] = read_tensor(handle, key, weights_path)
+            factors[param][match["factor"]] = handle.get_tensor(key)
             modules[param] = match["module"]
     chunk_sizes = {pair["A"].shape[0] for param, pair in factors.items() if "A" in pair and pair["A"].dim() == 3}
     experts = config.get("n_routed_experts") or 0
@@ -532,8 +542,8 @@ def verify(a: str, b: str, quiet: bool = False) -> dict[str, float]:
                 x, y = (reader.weight(key) for reader in readers)
                 if x.shape != y.shape:
                     raise CheckpointError(f"{key!r}: shape {list(x.shape)} in {a}, {list(y.shape)} in {b}")
-                diff = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
-                relative = diff / max(y.double().abs().max().item(), 1e-30) if diff else 0.0
+                diff, magnitude = max_difference(x, y)
+                relative = diff / max(magnitude, 1e-30) if diff else 0.0
                 if diff > result["max_abs_diff"]:
                     result.update(max_abs_diff=diff, worst_key=key)
                 result["max_rel_diff"] = max(result["max_rel_diff"], relative)
@@ -541,6 +551,17 @@ def verify(a: str, b: str, quiet: bool = False) -> dict[str, float]:
             progress.update(os.path.getsize(os.path.join(left.directory, file)))
     progress.close()
     return result
+
+
+def max_difference(x: torch.Tensor, y: torch.Tensor, piece: int = 2**22) -> tuple[float, float]:
+    """``(max |x - y|, max |y|)`` in float64, a piece at a time (never a float64 copy of a whole tensor)."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    diff = magnitude = 0.0
+    for start in range(0, x.numel(), piece):
+        a, b = x[start : start + piece].double(), y[start : start + piece].double()
+        diff = max(diff, (a - b).abs().max().item())
+        magnitude = max(magnitude, b.abs().max().item())
+    return diff, magnitude
 
 
 class WeightReader:
@@ -552,8 +573,8 @@ class WeightReader:
     def read(self, key: str) -> torch.Tensor:
         file = self.keys[key]
         if file not in self.handles:
-            self.handles[file] = self.stack.enter_context(open_safetensors(os.path.join(self.source.directory, file)))
-        return read_tensor(self.handles[file], key, file)
+            self.handles[file] = self.stack.enter_context(SafetensorsReader(os.path.join(self.source.directory, file)))
+        return self.handles[file].get_tensor(key)
 
     def weight(self, key: str) -> torch.Tensor:
         tensor = self.read(key)
@@ -644,11 +665,11 @@ def to_mp(src: str, dst: str, model_parallel: int, overwrite: bool = False, resu
         for file, entries in source.files.items():
             path = os.path.join(source.directory, file)
             if file not in finished:
-                with open_safetensors(path) as handle:
+                with SafetensorsReader(path) as handle:
                     for key in entries:
                         if is_mtp_key(key, layers):
                             continue
-                        tensor = read_tensor(handle, key, path)
+                        tensor = handle.get_tensor(key)
                         summary.tensors_in += 1
                         summary.bytes_in += tensor.numel() * tensor.element_size()
                         for rank, name, shape, dim in _rank_parts(key, entries[key], model_parallel, experts):
@@ -713,26 +734,26 @@ def from_mp(src: str, dst: str, config_path: str, overwrite: bool = False, resum
     summary = Summary(shards_skipped=len(finished))
     weight_map = {}
     stack = contextlib.ExitStack()
-    handles = [stack.enter_context(open_safetensors(os.path.join(src, f))) for f in expected]
+    handles = [stack.enter_context(SafetensorsReader(os.path.join(src, f))) for f in expected]
     progress = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="from-mp", disable=quiet)
     for file, shard_keys in zip(files, shards):
         weight_map.update(dict.fromkeys(shard_keys, file))
         if file not in finished:
-            tensors = {}
-            for key in shard_keys:
-                name, dim, expert = mp_name(key)
-                if expert is not None:
-                    parts = [handles[expert // (experts // count)].get_tensor(name)]
-                elif dim is None:
-                    parts = [handles[0].get_tensor(name)]
-                else:
-                    parts = [h.get_tensor(name) for h in handles]
-                tensors[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-                summary.tensors_in += len(parts)
-                summary.bytes_in += sum(p.numel() * p.element_size() for p in parts)
-            write_safetensors(os.path.join(work, file), tensors)
-            summary.tensors_out += len(tensors)
-            summary.bytes_out += sum(t.numel() * t.element_size() for t in tensors.values())
+            with SafetensorsWriter(os.path.join(work, file), header_bytes_for(shard_keys)) as writer:
+                for key in shard_keys:
+                    name, dim, expert = mp_name(key)
+                    if expert is not None:
+                        parts = [handles[expert // (experts // count)].get_tensor(name)]
+                    elif dim is None:
+                        parts = [handles[0].get_tensor(name)]
+                    else:
+                        parts = [h.get_tensor(name) for h in handles]
+                    tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+                    writer.add(key, tensor)
+                    summary.tensors_in += len(parts)
+                    summary.bytes_in += tensor.numel() * tensor.element_size()
+                    summary.tensors_out += 1
+                    summary.bytes_out += tensor.numel() * tensor.element_size()
             finished.append(file)
             record(work, plan, finished)
         progress.update(sum(sizes[k] for k in shard_keys))

@@ -5,6 +5,10 @@ Routed experts are stacked tensors (``gate_up_proj [experts, 2 * moe_intermediat
 split into ``num_expert_chunks`` contiguous chunks so a ``device_map`` can place them apart. The forward
 sorts the (token, expert) assignments by expert once and runs one grouped matrix product per chunk and
 projection: no Python loop over experts, no host sync per expert.
+
+With an FP8 ``quantization_config`` the stacked weights stay ``float8_e4m3fn`` with their block scales
+(``gate_up_proj_scale_inv``: the gate's and the up projection's block grids stacked); a product
+dequantizes only the experts that received tokens, a bounded batch of them at a time.
 """
 
 from __future__ import annotations
@@ -18,6 +22,18 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration import DeepseekMoEConfig
+from .fp8 import (
+    DEQUANTIZE_BUDGET_BYTES,
+    FP8_DTYPE,
+    dequantize_stacked,
+    fp8_settings,
+    keep_dtypes_apply,
+    projection,
+    quantize_dequantize_activations,
+    quantize_stacked,
+    stacked_scale_shape,
+    uses_scaled_matmul,
+)
 
 # Width multiple of each expert's column group (grouped GEMMs on CPU measured ~20% slower on odd widths).
 SLOT_ALIGNMENT = 8
@@ -104,9 +120,9 @@ class DenseMLP(nn.Module):
     def __init__(self, config: DeepseekMoEConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
         intermediate_size = intermediate_size or config.intermediate_size
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = projection(config, config.hidden_size, intermediate_size)
+        self.up_proj = projection(config, config.hidden_size, intermediate_size)
+        self.down_proj = projection(config, intermediate_size, config.hidden_size)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,13 +132,22 @@ class DenseMLP(nn.Module):
 class ExpertChunk(nn.Module):
     """A contiguous range of routed experts ``[first_expert, first_expert + num_experts)``, stacked."""
 
+    # Row blocks of each stacked projection that DeepSeek stores (and quantizes) as separate tensors.
+    PARTS = {"gate_up_proj": 2, "down_proj": 1}
+
     def __init__(self, config: DeepseekMoEConfig, first_expert: int, num_experts: int) -> None:
         super().__init__()
         self.first_expert = first_expert
         self.num_experts = num_experts
         hidden, intermediate = config.hidden_size, config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        shapes = {"gate_up_proj": (num_experts, 2 * intermediate, hidden), "down_proj": (num_experts, hidden, intermediate)}
+        self.fp8 = fp8_settings(config)
+        for name, shape in shapes.items():
+            if self.fp8 is None:
+                setattr(self, name, nn.Parameter(torch.empty(shape)))
+            else:  # frozen FP8 weights: adapters (ExpertChunkLora) train on top of them
+                setattr(self, name, nn.Parameter(torch.empty(shape, dtype=FP8_DTYPE), requires_grad=False))
+                self.register_buffer(name + "_scale_inv", torch.empty(stacked_scale_shape(*shape, self.PARTS[name], self.fp8["block"])))
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(
@@ -148,18 +173,73 @@ class ExpertChunk(nn.Module):
         return self.project("down_proj", hidden, offsets, delta)
 
     def project(self, projection: str, inputs: torch.Tensor, offsets: torch.Tensor, delta=None) -> torch.Tensor:
-        output = grouped_linear(getattr(self, projection), inputs, offsets)
+        weight = getattr(self, projection)
+        if weight.dtype == FP8_DTYPE:
+            output = fp8_grouped_linear(weight, getattr(self, projection + "_scale_inv"), inputs, offsets,
+                                        self.PARTS[projection], self.fp8["mode"], self.fp8["block"])
+        else:
+            output = grouped_linear(weight, inputs, offsets)
         extra = delta(projection, inputs, offsets) if delta is not None else None
         return output if extra is None else output + extra.to(output.dtype)
 
+    def dequantized(self, projection: str, dtype: torch.dtype = torch.float32, experts: slice = slice(None)) -> torch.Tensor:
+        """A projection's stacked weights ``[experts, out, in]`` as ``dtype`` (dequantized if FP8)."""
+        weight = getattr(self, projection)[experts]
+        if weight.dtype != FP8_DTYPE:
+            return weight.to(dtype)
+        scales = getattr(self, projection + "_scale_inv")[experts]
+        return dequantize_stacked(weight, scales, self.PARTS[projection], dtype, self.fp8["block"])
+
+    @torch.no_grad()
+    def set_weights(self, projection: str, values: torch.Tensor, experts: slice = slice(None)) -> None:
+        """Write float ``values`` ``[experts, out, in]`` into a projection (quantized if FP8)."""
+        weight = getattr(self, projection)
+        if weight.dtype != FP8_DTYPE:
+            weight.data[experts] = values.to(weight.device, weight.dtype)
+            return
+        quantized, scales = quantize_stacked(values.float(), self.PARTS[projection], self.fp8["block"], self.fp8["scale_fmt"])
+        weight.data[experts] = quantized.to(weight.device)
+        getattr(self, projection + "_scale_inv")[experts] = scales.to(weight.device)
+
     @torch.no_grad()
     def merge_delta(self, projection: str, delta: torch.Tensor, safe: bool = False) -> None:
-        """``weight += delta`` (``[experts, out, in]``), e.g. to merge a LoRA adapter."""
+        """``weight += delta`` (``[experts, out, in]``) in float32, e.g. to merge a LoRA adapter; FP8
+        weights are re-quantized one expert at a time (never the whole chunk in float32)."""
         weight = getattr(self, projection)
-        merged = weight.float() + delta.to(weight.device)
-        if safe and not torch.isfinite(merged).all():
-            raise ValueError(f"merging into {projection} gives non-finite weights")
-        weight.copy_(merged.to(weight.dtype))
+        step = 1 if weight.dtype == FP8_DTYPE else weight.shape[0]
+        for start in range(0, weight.shape[0], step):
+            experts = slice(start, start + step)
+            merged = self.dequantized(projection, experts=experts) + delta[experts].to(weight.device, torch.float32)
+            if safe and not torch.isfinite(merged).all():
+                raise ValueError(f"merging into {projection} gives non-finite weights")
+            self.set_weights(projection, merged, experts)
+
+    def _apply(self, fn, recurse: bool = True):
+        return keep_dtypes_apply(self, super()._apply, fn, recurse, tuple(self.PARTS) + tuple(f"{p}_scale_inv" for p in self.PARTS))
+
+
+def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor,
+                       parts: int, mode: str, block: tuple[int, int]) -> torch.Tensor:
+    """:func:`grouped_linear` with FP8 stacked weights: only the experts with columns are dequantized (in
+    the columns' dtype), at most ``DEQUANTIZE_BUDGET_BYTES`` of them at a time; ``mode`` "scaled" first
+    sends the activations through FP8 in 1 x 128 groups (DeepSeek's inference numerics)."""
+    if uses_scaled_matmul(mode, columns.device):
+        columns = quantize_dequantize_activations(columns.t(), block[1]).t().to(columns.dtype)
+    ends = offsets.tolist()
+    starts = [0, *ends[:-1]]
+    active = [expert for expert, (start, end) in enumerate(zip(starts, ends)) if end > start]
+    if not active:
+        return columns.new_zeros(weight.shape[1], columns.shape[1])
+    per_batch = max(1, DEQUANTIZE_BUDGET_BYTES // (weight[0].numel() * columns.element_size()))
+    outputs = []
+    for first in range(0, len(active), per_batch):
+        experts = active[first : first + per_batch]
+        index = torch.tensor(experts, device=weight.device)
+        dense = dequantize_stacked(weight.index_select(0, index), scale_inv.index_select(0, index), parts, columns.dtype, block)
+        begin = starts[experts[0]]
+        local_offsets = torch.tensor([ends[e] - begin for e in experts], dtype=torch.int32, device=columns.device)
+        outputs.append(grouped_linear(dense, columns[:, begin : ends[experts[-1]]], local_offsets))
+    return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
 
 class RoutedExperts(nn.Module):

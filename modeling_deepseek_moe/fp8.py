@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -85,3 +87,157 @@ def quantize_tensors(tensors: dict[str, torch.Tensor], scale_fmt: str = "float")
         else:
             out[key] = tensor
     return out
+
+
+# ---------------------------------------------------------------------- compute
+FP8_COMPUTE_MODES = ("auto", "dequantize", "scaled")
+# Dequantized weights one grouped product may hold at a time (the rest of the model stays FP8).
+DEQUANTIZE_BUDGET_BYTES = 256 * 2**20
+
+
+def fp8_matmuls_available(device: torch.device) -> bool:
+    """Whether ``device`` multiplies FP8 matrices natively (CUDA compute capability >= 8.9)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def uses_scaled_matmul(mode: str, device: torch.device) -> bool:
+    """``mode`` ("auto" / "dequantize" / "scaled") resolved for ``device``."""
+    return mode == "scaled" or (mode == "auto" and fp8_matmuls_available(device))
+
+
+def quantize_dequantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x`` ``[..., in]`` through FP8 in 1 x ``group`` blocks per token (scale = amax / 448), back in
+    float32: the activations a block-wise FP8 matmul sees, on any device."""
+    flat = x.reshape(-1, x.shape[-1])
+    quantized, scales = quantize_fp8_blockwise(flat, block=(1, group))
+    return dequantize_fp8_blockwise(quantized, scales, block=(1, group)).view(x.shape)
+
+
+def _scaled_mm_blockwise(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """FP8 GEMM on the GPU: ``x`` ``[tokens, in]`` quantized per token in 1 x 128 groups, ``weight``
+    ``[out, in]`` FP8 in 128 x 128 blocks (DeepSeek's inference recipe) -> ``[tokens, out]`` in x's dtype."""
+    from torch.nn.functional import ScalingType, scaled_mm
+
+    quantized, scales = quantize_fp8_blockwise(x, block=(1, 128))
+    outer_major = scales.t().contiguous().t()  # the 1 x 128 recipe reads its scales outer-dim-major
+    return scaled_mm(quantized, weight.t(), outer_major, ScalingType.BlockWise1x128, scale_inv,
+                     ScalingType.BlockWise128x128, output_dtype=x.dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
+               mode: str = "auto", block: tuple[int, int] = BLOCK) -> torch.Tensor:
+    """``x @ dequantize(weight).T (+ bias)`` with the weight left in FP8: the scaled FP8 GEMM where the
+    hardware has one (``mode`` "auto"/"scaled"), else the weight dequantized for this call only (in x's
+    dtype; float32 compute equals the dequantized-float32 reference). "scaled" without FP8 kernels
+    emulates them: activations through FP8 per 1 x 128 group, then a float32 product."""
+    scaled = uses_scaled_matmul(mode, x.device)
+    shape = (*x.shape[:-1], weight.shape[0])
+    if scaled and fp8_matmuls_available(x.device) and block == (128, 128) and weight.shape[0] % 128 == 0 \
+            and weight.shape[1] % 128 == 0 and x.dtype in (torch.bfloat16, torch.float32):
+        output = _scaled_mm_blockwise(x.reshape(-1, x.shape[-1]), weight, scale_inv).view(shape)
+        return output if bias is None else output + bias
+    inputs = quantize_dequantize_activations(x, block[1]).to(x.dtype) if scaled else x
+    return F.linear(inputs, dequantize_fp8_blockwise(weight, scale_inv, x.dtype, block), bias)
+
+
+class FP8Linear(nn.Linear):
+    """A linear layer whose weight stays block-wise FP8: ``weight`` ``float8_e4m3fn [out, in]`` (frozen)
+    and ``weight_scale_inv`` float32 ``[ceil(out/b0), ceil(in/b1)]``, as DeepSeek-V3 stores them. Neither
+    changes dtype with the model (``.to(torch.bfloat16)`` moves them, keeps them FP8/float32)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, block: tuple[int, int] = BLOCK,
+                 mode: str = "auto", scale_fmt: str = "float") -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.block, self.mode, self.scale_fmt = tuple(block), mode, scale_fmt
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False)
+        self.register_buffer("weight_scale_inv", torch.empty(scale_shape((out_features, in_features), self.block)))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return fp8_linear(x, self.weight, self.weight_scale_inv, bias, self.mode, self.block)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_fp8_blockwise(self.weight, self.weight_scale_inv, dtype, self.block)
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a float ``weight`` ``[out, in]`` into this layer (random init, LoRA merges)."""
+        quantized, scales = quantize_fp8_blockwise(weight.float(), self.block, self.scale_fmt)
+        self.weight.data = quantized.to(self.weight.device)
+        self.weight_scale_inv = scales.to(self.weight.device)
+
+    @torch.no_grad()
+    def merge_delta(self, delta: torch.Tensor, safe: bool = False) -> None:
+        """``weight += delta`` in float32, re-quantized (with this checkpoint's scale format)."""
+        merged = self.dequantized_weight() + delta.to(self.weight.device, torch.float32)
+        if safe and not torch.isfinite(merged).all():
+            raise ValueError("merging gives non-finite weights")
+        self.set_weight(merged)
+
+    def _apply(self, fn, recurse: bool = True):
+        return keep_dtypes_apply(self, super()._apply, fn, recurse, ("weight", "weight_scale_inv"))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8 blocks={self.block}, mode={self.mode}"
+
+
+def keep_dtypes_apply(module: nn.Module, apply, fn, recurse: bool, names: tuple[str, ...]) -> nn.Module:
+    """``module._apply`` (``apply``: the parent class's) that moves the tensors ``names`` between devices
+    like the others but never changes their dtype: ``.to(torch.bfloat16)`` must not turn FP8 weights or
+    float32 scales and router statistics into bf16."""
+    kept = {name: tensor for name in names if (tensor := getattr(module, name, None)) is not None and not tensor.is_meta}
+    apply(fn, recurse)
+    for name, original in kept.items():
+        now = getattr(module, name)
+        if now.dtype != original.dtype:
+            moved = original.to(now.device)
+            if name in module._parameters:
+                module._parameters[name] = nn.Parameter(moved, requires_grad=now.requires_grad)
+            else:
+                module._buffers[name] = moved
+    return module
+
+
+def stacked_scale_shape(experts: int, rows: int, cols: int, parts: int, block: tuple[int, int] = BLOCK) -> tuple[int, int, int]:
+    """Scale shape of ``experts`` stacked weights ``[rows, cols]`` made of ``parts`` row blocks that were
+    quantized apart (a routed expert's gate and up projections): each part keeps its own block grid."""
+    part_rows, part_cols = scale_shape((rows // parts, cols), block)
+    return experts, parts * part_rows, part_cols
+
+
+def dequantize_stacked(weight: torch.Tensor, scale_inv: torch.Tensor, parts: int, dtype: torch.dtype = torch.float32,
+                       block: tuple[int, int] = BLOCK) -> torch.Tensor:
+    """``[experts, rows, cols]`` FP8 + scales of :func:`stacked_scale_shape` -> ``dtype``."""
+    experts, rows, cols = weight.shape
+    split = weight.view(experts, parts, rows // parts, cols)
+    scales = scale_inv.view(experts, parts, -1, scale_inv.shape[-1])
+    return dequantize_fp8_blockwise(split, scales, dtype, block).view(experts, rows, cols)
+
+
+def quantize_stacked(values: torch.Tensor, parts: int, block: tuple[int, int] = BLOCK,
+                     scale_fmt: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`dequantize_stacked`: ``[experts, rows, cols]`` -> (FP8, scales)."""
+    experts, rows, cols = values.shape
+    quantized, scales = quantize_fp8_blockwise(values.reshape(experts, parts, rows // parts, cols), block, scale_fmt)
+    return quantized.view(experts, rows, cols), scales.view(experts, -1, scales.shape[-1])
+
+
+def fp8_settings(config) -> dict | None:
+    """``{"block", "mode", "scale_fmt"}`` of a config whose ``quantization_config`` asks for DeepSeek's
+    block-wise FP8, else None."""
+    quantization = getattr(config, "quantization_config", None)
+    if not quantization:
+        return None
+    return {"block": tuple(quantization.get("weight_block_size", BLOCK)), "mode": config.fp8_compute,
+            "scale_fmt": quantization.get("scale_fmt") or "float"}
+
+
+def projection(config, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
+    """A weight DeepSeek quantizes (attention and MLP projections): :class:`FP8Linear` when the config's
+    ``quantization_config`` is FP8, a plain ``nn.Linear`` otherwise."""
+    settings = fp8_settings(config)
+    if settings is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return FP8Linear(in_features, out_features, bias=bias, **settings)

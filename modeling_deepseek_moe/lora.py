@@ -17,10 +17,13 @@ from collections.abc import Iterable
 
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from .experts import ExpertChunk, grouped_linear
+from .fp8 import FP8Linear
 
 # Adapters take the base weight's dtype when it is one they can train in (else float32).
 TRAINABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -37,16 +40,44 @@ def lora_config(targets: Iterable[str] = ("attention", "dense", "shared", "exper
     """A ``LoraConfig`` targeting the named families (see ``TARGETS``), with :class:`ExpertChunkLora`
     registered for the routed experts. ``kwargs`` go to ``LoraConfig`` (``r``, ``lora_alpha``, ...)."""
     pattern = "|".join(TARGETS[name] for name in targets)
-    config = LoraConfig(target_modules=rf".*\.({pattern})$", **kwargs)
-    config._register_custom_module({ExpertChunk: ExpertChunkLora})
+    return register_layers(LoraConfig(target_modules=rf".*\.({pattern})$", **kwargs))
+
+
+def register_layers(config: LoraConfig) -> LoraConfig:
+    """Register this package's LoRA layers with ``config``: :class:`ExpertChunkLora` for routed experts and
+    :class:`FP8LoraLinear` for FP8 projections."""
+    config._register_custom_module({ExpertChunk: ExpertChunkLora, FP8Linear: FP8LoraLinear})
     return config
 
 
 def load_adapter(model: nn.Module, adapter_directory: str, **kwargs) -> PeftModel:
-    """``PeftModel.from_pretrained`` with the expert LoRA layer registered (PEFT does not save it)."""
-    config = LoraConfig.from_pretrained(adapter_directory)
-    config._register_custom_module({ExpertChunk: ExpertChunkLora})
+    """``PeftModel.from_pretrained`` with this package's LoRA layers registered (PEFT does not save them)."""
+    config = register_layers(LoraConfig.from_pretrained(adapter_directory))
     return PeftModel.from_pretrained(model, adapter_directory, config=config, **kwargs)
+
+
+class FP8LoraLinear(LoraLinear):
+    """PEFT's LoRA ``Linear`` on a frozen :class:`FP8Linear`: the adapters stay float32 (PEFT would cast
+    them to the base weight's dtype, FP8), and merging dequantizes, adds and re-quantizes the base."""
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        device = device or self.get_base_layer().weight.device
+        for name in self.adapter_layer_names:
+            layer = getattr(self, name, None)
+            if isinstance(layer, nn.ModuleDict) and adapter_name in layer:
+                layer[adapter_name] = layer[adapter_name].to(device)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter in self.lora_A:
+                self.get_base_layer().merge_delta(self.get_delta_weight(adapter), safe=safe_merge)
+                self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.lora_A:
+                self.get_base_layer().merge_delta(-self.get_delta_weight(adapter))
 
 
 class ExpertChunkLora(nn.Module, LoraLayer):

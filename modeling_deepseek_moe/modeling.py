@@ -26,6 +26,7 @@ from .checkpoint import load_official_checkpoint, save_official_checkpoint
 from .configuration import DeepseekMoEConfig, DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config
 from .decoder import DeepseekMoEDecoderLayer, MultiTokenPredictionLayer
 from .experts import ExpertChunk
+from .fp8 import FP8Linear
 from .mtp import mtp_loss, speculative_generate
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -55,15 +56,21 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
         std = self.config.initializer_range
+        if isinstance(module, FP8Linear):  # random values, quantized (FP8 tensors have no normal_)
+            module.set_weight(torch.randn(module.weight.shape, device=module.weight.device) * std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            return
+        super()._init_weights(module)
         if isinstance(module, TopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.e_score_correction_bias is not None:
                 init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, ExpertChunk):
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            init.normal_(module.down_proj, mean=0.0, std=std)
+            for name in module.PARTS:
+                weight = getattr(module, name)
+                module.set_weights(name, torch.randn(weight.shape, device=weight.device) * std)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration import DeepseekMoEConfig
+from .fp8 import keep_dtypes_apply
 
 
 class RouterOutput(NamedTuple):
@@ -54,12 +55,7 @@ class TopKRouter(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """``.to(dtype)``, ``.half()``, ... move the correction bias and the load counters but never cast
         them down from float32."""
-        kept = {name: buffer for name, buffer in self._buffers.items() if buffer is not None and not buffer.is_meta}
-        super()._apply(fn, recurse)
-        for name, buffer in kept.items():
-            if self._buffers[name].dtype != torch.float32:
-                self._buffers[name] = buffer.to(self._buffers[name].device)
-        return self
+        return keep_dtypes_apply(self, super()._apply, fn, recurse, tuple(self._buffers))
 
     def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
         """``hidden_states`` ``[tokens, hidden]`` -> routing decision for each token."""

@@ -261,22 +261,26 @@ def test_merge_lora_into_an_fp8_base_requantizes(tmp_path, official_checkpoint):
 
 
 def test_interrupted_conversion_resumes_without_redoing_shards(tmp_path, fp8_v3, monkeypatch):
-    written = []
-    real_write = conversion.write_safetensors
+    real_writer = conversion.SafetensorsWriter
+    opened = []
 
-    def write_then_fail(path, tensors):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(os.path.basename(path))
-        real_write(path, tensors)
+    class WriterInterruptedInThirdShard(real_writer):
+        def add(self, key, tensor):
+            super().add(key, tensor)
+            if len(opened) == 3:
+                raise KeyboardInterrupt  # as if the machine went down halfway through a shard
 
-    monkeypatch.setattr(conversion, "write_safetensors", write_then_fail)
+        def __enter__(self):
+            opened.append(self.path)
+            return self
+
+    monkeypatch.setattr(conversion, "SafetensorsWriter", WriterInterruptedInThirdShard)
     with pytest.raises(KeyboardInterrupt):
         conversion.dequantize(fp8_v3, str(tmp_path / "out"), quiet=True)
     assert not os.path.exists(tmp_path / "out") and os.path.isdir(tmp_path / "out.partial")
     with pytest.raises(CheckpointError, match="different conversion"):
         conversion.quantize(fp8_v3, str(tmp_path / "out"), resume=True, quiet=True)
-    monkeypatch.setattr(conversion, "write_safetensors", real_write)
+    monkeypatch.setattr(conversion, "SafetensorsWriter", real_writer)
     summary = conversion.dequantize(fp8_v3, str(tmp_path / "out"), resume=True, quiet=True)
     assert summary.shards_skipped == 2
     conversion.dequantize(fp8_v3, str(tmp_path / "straight"), quiet=True)
