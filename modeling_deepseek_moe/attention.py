@@ -158,8 +158,8 @@ class MultiHeadLatentAttention(nn.Module):
         batch, _, new, _ = query_nope.shape
         total = latent.shape[2]
         weight = self.kv_b_proj.weight
-        if isinstance(self.kv_b_proj, FP8Linear):  # dequantized for this step only, as DeepSeek's absorb mode does
-            weight = self.kv_b_proj.dequantized_weight(latent.dtype)
+        if isinstance(self.kv_b_proj, FP8Linear):  # dequantized at the first step, kept for the next ones
+            weight = self.kv_b_proj.dequantized_weight(latent.dtype, keep=True)
         weight = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         key_weight, value_weight = weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
         query_latent = torch.einsum("bhsd,hdc->bhsc", query_nope, key_weight)  # [batch, heads, new, kv_lora_rank]

@@ -215,7 +215,8 @@ class ExpertChunk(nn.Module):
             self.set_weights(projection, merged, experts)
 
     def _apply(self, fn, recurse: bool = True):
-        return keep_dtypes_apply(self, super()._apply, fn, recurse, tuple(self.PARTS) + tuple(f"{p}_scale_inv" for p in self.PARTS))
+        fixed = (*self.PARTS, *(f"{p}_scale_inv" for p in self.PARTS)) if self.fp8 else ()  # FP8 stacks and scales
+        return keep_dtypes_apply(self, super()._apply, fn, recurse, fixed)
 
 
 def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor,

@@ -73,7 +73,12 @@ def dequantize_fp8_blockwise(
             f"weight_scale_inv has shape {list(scale_inv.shape)}, expected {list(expected)} for a weight "
             f"{list(weight.shape)} in {block[0]}x{block[1]} blocks"
         )
-    values = weight.to(torch.float32) * _expand_blocks(scale_inv.float(), rows, cols, block)
+    values = weight.to(torch.float32)
+    if rows % block[0] == 0 and cols % block[1] == 0:  # whole blocks: scale in place, by broadcasting
+        blocks = values.view(*lead, rows // block[0], block[0], cols // block[1], block[1])
+        blocks.mul_(scale_inv.float()[..., :, None, :, None])
+    else:
+        values.mul_(_expand_blocks(scale_inv.float(), rows, cols, block))
     return values.to(dtype)
 
 
@@ -158,13 +163,22 @@ class FP8Linear(nn.Linear):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return fp8_linear(x, self.weight, self.weight_scale_inv, bias, self.mode, self.block)
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_fp8_blockwise(self.weight, self.weight_scale_inv, dtype, self.block)
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32, keep: bool = False) -> torch.Tensor:
+        """The weight as ``dtype``. ``keep=True`` keeps that copy for later calls (absorbed MLA decoding
+        reads ``kv_b_proj`` at every step: dequantized once, not per step); changing the weight drops it."""
+        cached = self.__dict__.get("_dequantized")
+        if keep and cached is not None and cached.dtype == dtype and cached.device == self.weight.device:
+            return cached
+        weight = dequantize_fp8_blockwise(self.weight, self.weight_scale_inv, dtype, self.block)
+        if keep:
+            self.__dict__["_dequantized"] = weight
+        return weight
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
         """Quantize a float ``weight`` ``[out, in]`` into this layer (random init, LoRA merges)."""
         quantized, scales = quantize_fp8_blockwise(weight.float(), self.block, self.scale_fmt)
+        self.__dict__.pop("_dequantized", None)
         self.weight.data = quantized.to(self.weight.device)
         self.weight_scale_inv = scales.to(self.weight.device)
 
@@ -177,6 +191,7 @@ class FP8Linear(nn.Linear):
         self.set_weight(merged)
 
     def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_dequantized", None)
         return keep_dtypes_apply(self, super()._apply, fn, recurse, ("weight", "weight_scale_inv"))
 
     def extra_repr(self) -> str:
@@ -187,7 +202,8 @@ def keep_dtypes_apply(module: nn.Module, apply, fn, recurse: bool, names: tuple[
     """``module._apply`` (``apply``: the parent class's) that moves the tensors ``names`` between devices
     like the others but never changes their dtype: ``.to(torch.bfloat16)`` must not turn FP8 weights or
     float32 scales and router statistics into bf16."""
-    kept = {name: tensor for name in names if (tensor := getattr(module, name, None)) is not None and not tensor.is_meta}
+    # detach(): a view of the current storage (``_apply`` swaps a parameter's ``.data`` in place).
+    kept = {name: tensor.detach() for name in names if (tensor := getattr(module, name, None)) is not None and not tensor.is_meta}
     apply(fn, recurse)
     for name, original in kept.items():
         now = getattr(module, name)

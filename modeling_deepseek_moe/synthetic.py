@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import official_tensor_shapes
+from .fp8 import FP8_QUANTIZATION_CONFIG, quantize_tensors
 
 # Small configs in DeepSeek's own schema, one per released family.
 TINY_OFFICIAL_CONFIGS: dict[str, dict[str, Any]] = {
@@ -203,3 +204,18 @@ def write_official_checkpoint(
     with open(os.path.join(directory, "config.json"), "w") as handle:
         json.dump(config, handle, indent=2)
     return state
+
+
+def write_fp8_official_checkpoint(
+    directory: str | os.PathLike, family: str = "v3", num_shards: int = 3, seed: int = 0, scale_fmt: str = "float",
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A tiny checkpoint laid out as DeepSeek releases V3: block-wise FP8 weights with ``weight_scale_inv``
+    (``scale_fmt`` "ue8m0" as V3.1), bf16 elsewhere, float32 router bias, ``quantization_config`` in
+    config.json. Any family (the format is generic). Returns the config."""
+    quantization = dict(FP8_QUANTIZATION_CONFIG, **({"scale_fmt": "ue8m0"} if scale_fmt == "ue8m0" else {}))
+    config = tiny_official_config(family, quantization_config=quantization, torch_dtype="bfloat16", **overrides)
+    state = random_official_state(config, seed=seed, dtype=torch.bfloat16)
+    state = {k: v.float() if k.endswith("e_score_correction_bias") else v for k, v in state.items()}
+    write_official_checkpoint(directory, config, state=quantize_tensors(state, scale_fmt), num_shards=num_shards)
+    return config

@@ -17,11 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from modeling_deepseek_moe import (
     CheckpointError,
     DeepseekMoEV2ForCausalLM,
-    DeepseekMoEV3Config,
     DeepseekMoEV3ForCausalLM,
     DeepseekMoEV3Model,
 )
-from modeling_deepseek_moe.synthetic import random_official_state, tiny_official_config, write_official_checkpoint
 
 from conftest import relative_error
 

@@ -13,14 +13,13 @@ from peft import get_peft_model
 from safetensors import safe_open
 
 from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, conversion
-from modeling_deepseek_moe.checkpoint import CheckpointError, safetensors_header
+from modeling_deepseek_moe.checkpoint import CheckpointError
 from modeling_deepseek_moe.conversion import main, mp_file, verify
-from modeling_deepseek_moe.fp8 import FP8_DTYPE, FP8_QUANTIZATION_CONFIG, QUANTIZED_KEY, SCALE_SUFFIX, quantize_tensors
+from modeling_deepseek_moe.fp8 import FP8_DTYPE, FP8_QUANTIZATION_CONFIG, QUANTIZED_KEY, SCALE_SUFFIX
 from modeling_deepseek_moe.lora import lora_config
-from modeling_deepseek_moe.synthetic import random_official_state, tiny_official_config, write_official_checkpoint
+from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint, write_official_checkpoint
 from transformers import AutoModelForCausalLM
 
-import modeling_deepseek_moe  # noqa: F401  (registers the Auto classes)
 
 FAMILIES = {
     "v1": ("v1", {}),
@@ -62,11 +61,8 @@ def reference_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch
 
 
 def write_fp8_official(directory, num_shards=3, seed=0, **overrides):
-    """A V3 checkpoint as DeepSeek releases it: FP8 weights + scales, bf16 rest, fp32 router bias, MTP."""
-    config = tiny_official_config("v3", quantization_config=dict(FP8_QUANTIZATION_CONFIG), torch_dtype="bfloat16", **overrides)
-    state = random_official_state(config, seed=seed, dtype=torch.bfloat16)
-    state = {k: v.float() if k.endswith("e_score_correction_bias") else v for k, v in state.items()}
-    write_official_checkpoint(directory, config, state=quantize_tensors(state), num_shards=num_shards)
+    """DeepSeek-V3 as released (FP8 weights + scales, bf16 rest, fp32 router bias, MTP) with tokenizer files."""
+    write_fp8_official_checkpoint(directory, "v3", num_shards=num_shards, seed=seed, **overrides)
     for name, text in (("tokenizer.json", '{"model": "tiny"}'), ("generation_config.json", '{"bos_token_id": 0}')):
         with open(os.path.join(directory, name), "w") as handle:
             handle.write(text)
@@ -298,20 +294,16 @@ def corrupt(kind, directory):
         with open(shard, "r+b") as handle:
             handle.truncate(os.path.getsize(shard) - 100)
         return "model-00002-of-00003.safetensors: truncated"
-    if kind == "missing key":
-        key = "model.layers.2.mlp.experts.3.up_proj.weight"
-        del index["weight_map"][key]
-        json.dump(index, open(index_path, "w"))
-        return f"tensor '{key}' is missing"
-    if kind == "missing file":
+    removed = {"missing key": "model.layers.2.mlp.experts.3.up_proj.weight",
+               "missing scale": "model.layers.0.self_attn.o_proj.weight_scale_inv"}
+    if kind in removed:  # the index no longer lists a tensor the config implies
+        del index["weight_map"][removed[kind]]
+    else:  # the index names a file that is not there
         index["weight_map"]["model.norm.weight"] = "model-00009-of-00003.safetensors"
-        json.dump(index, open(index_path, "w"))
-        return "names model-00009-of-00003.safetensors, which does not exist"
-    if kind == "missing scale":
-        key = "model.layers.0.self_attn.o_proj.weight_scale_inv"
-        del index["weight_map"][key]
-        json.dump(index, open(index_path, "w"))
-        return f"FP8 scale '{key}' is missing"
+    json.dump(index, open(index_path, "w"))
+    return {"missing key": f"tensor '{removed['missing key']}' is missing",
+            "missing scale": f"FP8 scale '{removed['missing scale']}' is missing",
+            "missing file": "names model-00009-of-00003.safetensors, which does not exist"}[kind]
 
 
 @pytest.mark.parametrize("kind", ["truncated", "missing key", "missing file", "missing scale"])

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from modeling_deepseek_moe import DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
+from modeling_deepseek_moe.fp8 import fp8_linear, quantize_fp8_blockwise
+from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
 
 from conftest import relative_error
 from test_experts import config, loop_reference, random_experts, routing
@@ -56,3 +58,26 @@ def test_expert_chunks_split_between_cuda_and_cpu(official_checkpoint):
     loss = mixed(ids, labels=ids).loss
     loss.backward()
     assert mixed.model.layers[1].mlp.experts.chunks[1].gate_up_proj.grad.device.type == "cpu"
+
+
+def test_fp8_model_on_cuda_matches_cpu(tmp_path):
+    write_fp8_official_checkpoint(tmp_path / "fp8", "v3")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    cpu = DeepseekMoEV3ForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32, fp8_compute="dequantize")
+    gpu = DeepseekMoEV3ForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32, fp8_compute="dequantize", device_map="cuda")
+    assert gpu.model.layers[1].mlp.experts.chunks[0].gate_up_proj.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        assert relative_error(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs FP8 matmuls (compute capability >= 8.9)")
+def test_fp8_scaled_mm_matches_the_emulated_fp8_activation_path():
+    torch.manual_seed(0)
+    x = torch.randn(64, 1024)
+    quantized, scale_inv = quantize_fp8_blockwise(torch.randn(512, 1024) / 32)
+    kernel = fp8_linear(x.cuda().bfloat16(), quantized.cuda(), scale_inv.cuda(), mode="scaled")
+    emulated = fp8_linear(x, quantized, scale_inv, mode="scaled")
+    exact = fp8_linear(x, quantized, scale_inv, mode="dequantize")
+    assert relative_error(kernel.float().cpu(), emulated) < 1e-2
+    assert relative_error(kernel.float().cpu(), exact) < 3e-2

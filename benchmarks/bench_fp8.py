@@ -1,0 +1,104 @@
+"""FP8 on this CPU: a DeepSeek-V3-layout model of more than 1 GB in bf16, loaded from its FP8 checkpoint
+(weights stay FP8, the dequantize path) against the same model dequantized to bf16 and to float32.
+
+1. Memory: bytes of the loaded weights (parameters + buffers) and the process's resident memory growth
+   from before to after loading, each model in a fresh process; the goal is FP8 <= 0.55 x bf16.
+2. Forward time at several batch sizes (tokens per routed expert grow with the batch, and the dequantize
+   path's cost per weight does not), interleaved round by round: FP8 with float32 compute against the
+   float32 model (goal <= 1.5x), FP8 with bf16 compute against the bf16 model.
+
+    python benchmarks/bench_fp8.py [--tokens 256 1024 4096] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import interleaved, print_table, summarise, write_json  # noqa: E402
+
+from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, conversion  # noqa: E402
+from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint  # noqa: E402
+
+# ~1.1 GB in bf16, ~0.6 GB in FP8; routed experts hold 90% of the weights, as in DeepSeek-V3.
+CONFIG = dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=6,
+              n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4, n_shared_experts=1,
+              num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256,
+              qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, vocab_size=16384,
+              num_nextn_predict_layers=0, first_k_dense_replace=1)
+
+LOAD = """
+import gc, json, os, sys, torch
+from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM
+
+def rss():  # resident bytes now (the loaded model, not the peak while loading)
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+before = rss()
+model = DeepseekMoEV3ForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+gc.collect()
+weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+print(json.dumps({"weight_bytes": weights, "rss_growth_bytes": rss() - before}))
+"""
+
+
+def measure_load(directory: str, dtype: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", LOAD, directory, dtype], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--bf16-up-to", type=int, default=1024,
+                        help="compare with the bf16 model up to this many tokens (bf16 GEMMs are slow on CPUs without AMX)")
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bench_fp8.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as work:
+        fp8, bf16 = os.path.join(work, "fp8"), os.path.join(work, "bf16")
+        write_fp8_official_checkpoint(fp8, "v3", num_shards=4, **CONFIG)
+        conversion.dequantize(fp8, bf16, quiet=True)
+
+        memory = {"fp8": measure_load(fp8, "bfloat16"), "bf16": measure_load(bf16, "bfloat16")}
+        ratio = memory["fp8"]["weight_bytes"] / memory["bf16"]["weight_bytes"]
+        rss_ratio = memory["fp8"]["rss_growth_bytes"] / memory["bf16"]["rss_growth_bytes"]
+        print(f"weights: FP8 {memory['fp8']['weight_bytes'] / 1e9:.3f} GB, bf16 {memory['bf16']['weight_bytes'] / 1e9:.3f} GB"
+              f" -> {ratio:.3f} (goal <= 0.55); resident memory growth: {rss_ratio:.3f}")
+
+        models = {
+            "fp32 (dequantized copy)": DeepseekMoEV3ForCausalLM.from_pretrained(bf16, dtype=torch.float32),
+            "fp8, fp32 compute": DeepseekMoEV3ForCausalLM.from_pretrained(fp8, dtype=torch.float32, fp8_compute="dequantize"),
+            "bf16 (dequantized copy)": DeepseekMoEV3ForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16),
+            "fp8, bf16 compute": DeepseekMoEV3ForCausalLM.from_pretrained(fp8, dtype=torch.bfloat16, fp8_compute="dequantize"),
+        }
+        results = {"config": CONFIG, "memory": memory, "weight_ratio": ratio, "rss_ratio": rss_ratio, "forward": {}}
+        for tokens in args.tokens:
+            ids = torch.randint(0, CONFIG["vocab_size"], (1, tokens))
+
+            def forward(model):
+                with torch.no_grad():
+                    return lambda: model(ids, use_cache=False)
+
+            pairs = [("fp32 (dequantized copy)", "fp8, fp32 compute")]
+            if tokens <= args.bf16_up_to:
+                pairs.append(("bf16 (dequantized copy)", "fp8, bf16 compute"))
+            for reference, candidate in pairs:
+                times = interleaved({name: forward(models[name]) for name in (reference, candidate)}, rounds=args.rounds, warmup=1)
+                summary = summarise(times, reference)
+                per_expert = tokens * CONFIG["num_experts_per_tok"] / CONFIG["n_routed_experts"]
+                print_table(f"{tokens} tokens ({per_expert:.0f} per routed expert)", summary)
+                results["forward"][f"{tokens} tokens, {reference}"] = summary
+        write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
