@@ -299,7 +299,9 @@ def load_config(cls, directory: str, overrides: dict):
         )
     config_dict, unused = cls.config_class.get_config_dict(directory)
     config_dict["model_type"] = ours  # DeepSeek's schema is ours: no model_type warning
-    return cls.config_class.from_dict(config_dict, return_unused_kwargs=True, **overrides)
+    config, unused = cls.config_class.from_dict(config_dict, return_unused_kwargs=True, **overrides)
+    config.validate_architecture()  # from_dict sets the overrides after the constructor's validation
+    return config, unused
 
 
 def resolve_dtype(dtype, config) -> torch.dtype:
@@ -422,7 +424,9 @@ class StateFiller:
             path = os.path.join(directory, file)
             with open_safetensors(path) as handle:
                 for key in keys:
-                    self.fill(key, read_tensor(handle, key, path), path)
+                    slot = self.layout.slot(key)
+                    if slot is not None and not self.skips(slot.param):  # only what this model holds is read
+                        self.fill(key, read_tensor(handle, key, path), path)
         self.check_complete()
         self.check_mtp_copies(directory)
         for module in self.model.modules():
@@ -449,13 +453,14 @@ class StateFiller:
                     raise CheckpointError(f"{file}: unexpected tensor {key!r} (no parameter of {type(self.model).__name__} holds it)")
 
     def skips(self, param: str) -> bool:
-        """A bare base model has no output head: the checkpoint's is not loaded."""
-        return bool(self.prefix) and param == "lm_head.weight"
+        """Tensors this model does not hold: a bare base model's output head, and under expert
+        parallelism the expert chunks of the other ranks."""
+        if bool(self.prefix) and param == "lm_head.weight":
+            return True
+        return self.model.config.ep_size > 1 and param not in self.targets and _CHUNK_PARAM.match(param) is not None
 
     def fill(self, key: str, tensor: torch.Tensor, path: str) -> None:
         slot = self.layout.slot(key)
-        if slot is None or self.skips(slot.param):
-            return
         module, attr, is_param = self.targets[slot.param]
         current = getattr(module, attr)
         expected = current.shape if slot.index is None else current[slot.index][slot.rows or slice(None)].shape
@@ -736,6 +741,9 @@ def auto_map(config_class: type) -> dict[str, str]:
 def save_official_checkpoint(model, save_directory: str | os.PathLike, state_dict=None, max_shard_size="5GB") -> None:
     """Write ``model`` in the official layout with config, generation config and remote code."""
     save_directory = str(save_directory)
+    if model.config.ep_size > 1:
+        raise ValueError(f"this expert-parallel model (ep_size={model.config.ep_size}) holds 1/{model.config.ep_size} "
+                         "of the routed experts; save the checkpoint from a model loaded with ep_size=1")
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {save_directory!r} is a file, not a folder")
     os.makedirs(save_directory, exist_ok=True)

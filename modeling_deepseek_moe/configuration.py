@@ -24,6 +24,7 @@ class DeepseekMoEConfig(PreTrainedConfig):
     Fields that DeepSeek's configs do not carry:
         num_expert_chunks: routed experts of a layer are stored as this many contiguous chunks (tensors
             ``[experts_per_chunk, ...]``), so that a ``device_map`` can place a layer's experts apart.
+            With ``ep_size`` > 1 (expert parallelism over that many ranks) it is ``ep_size``: one per rank.
         device_aux_loss_alpha: V2 paper's device-level balance loss coefficient (a2 = 0.05 there; 0 = off).
             The ``n_group`` expert groups are the devices.
         comm_aux_loss_alpha: V2 paper's communication balance loss coefficient (a3 = 0.02 there; 0 = off),
@@ -193,6 +194,10 @@ class DeepseekMoEConfig(PreTrainedConfig):
             )
         if self.ep_size < 1 or experts % self.ep_size:
             fail(f"`ep_size` ({self.ep_size}) must divide `n_routed_experts` ({experts})")
+        if self.ep_size > 1:  # expert parallelism: one chunk of experts per rank
+            if self.num_expert_chunks not in (1, self.ep_size):
+                fail(f"`num_expert_chunks` ({self.num_expert_chunks}) must equal `ep_size` ({self.ep_size}): one chunk per rank")
+            self.num_expert_chunks = self.ep_size
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             fail(f"`capacity_factor` must be positive or null, got {self.capacity_factor}")
         if self.bias_update_speed < 0:

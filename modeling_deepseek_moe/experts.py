@@ -22,6 +22,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration import DeepseekMoEConfig
+from .distributed import ExpertParallel
 from .fp8 import (
     DEQUANTIZE_BUDGET_BYTES,
     FP8_DTYPE,
@@ -56,6 +57,18 @@ def _fast_row_major(columns: torch.Tensor) -> bool:
     return columns.dtype == torch.float32 and (columns.stride(0) * size) % 16 == 0 and columns.data_ptr() % 16 == 0
 
 
+def _aligned_for_cpu(matrix: torch.Tensor) -> torch.Tensor:
+    """CPU grouped_mm rejects a 2-D operand whose leading stride is not a multiple of 16 bytes (e.g. a
+    gradient over an odd number of columns, or a single column): such a matrix is copied row-major with
+    its rows padded to 16 bytes."""
+    leading = matrix.stride(-2) if matrix.stride(-1) == 1 else matrix.stride(-1)  # how the kernel reads it
+    if matrix.device.type != "cpu" or (leading * matrix.element_size()) % 16 == 0:
+        return matrix
+    rows, cols = matrix.shape
+    per_16_bytes = 16 // matrix.element_size()
+    return matrix.new_empty(rows, -(-cols // per_16_bytes) * per_16_bytes)[:, :cols].copy_(matrix)
+
+
 def _looped_group_mm(weight: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Reference for :func:`grouped_linear`'s product, one group at a time."""
     output = columns.new_empty(weight.shape[1], columns.shape[1])
@@ -88,7 +101,7 @@ class _GroupedMatmul(torch.autograd.Function):
             return _looped_group_mm(weight, columns, offsets)
         if columns.device.type == "cpu" and columns.stride(0) != 1 and not _fast_row_major(columns):
             columns = columns.t().contiguous().t()
-        return _GROUPED_MM(weight, columns, offs=offsets)
+        return _GROUPED_MM(weight, _aligned_for_cpu(columns), offs=offsets)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -98,12 +111,15 @@ class _GroupedMatmul(torch.autograd.Function):
         grad_weight = grad_columns = None
         if ctx.needs_input_grad[0]:
             if fused:  # "2d x 2d" form: one [out, in] product per group of columns
-                grad_weight = _GROUPED_MM(grad, columns.t(), offs=offsets)
+                grad_weight = _GROUPED_MM(_aligned_for_cpu(grad), _aligned_for_cpu(columns.t()), offs=offsets)
             else:
                 grad_weight = _looped_weight_grad(grad, columns, offsets, weight.shape[0])
         if ctx.needs_input_grad[1]:
             weight_t = weight.transpose(1, 2)
-            grad_columns = _GROUPED_MM(weight_t, grad, offs=offsets) if fused else _looped_group_mm(weight_t, grad, offsets)
+            if fused:
+                grad_columns = _GROUPED_MM(weight_t, _aligned_for_cpu(grad), offs=offsets)
+            else:
+                grad_columns = _looped_group_mm(weight_t, grad, offsets)
         return grad_weight, grad_columns, None
 
 
@@ -250,10 +266,15 @@ class RoutedExperts(nn.Module):
         super().__init__()
         self.num_experts = config.n_routed_experts
         per_chunk = self.num_experts // config.num_expert_chunks
-        self.chunks = nn.ModuleList(
-            ExpertChunk(config, first_expert=c * per_chunk, num_experts=per_chunk)
-            for c in range(config.num_expert_chunks)
-        )
+        self.expert_parallel = ExpertParallel.of(config)
+        if self.expert_parallel is None:
+            self.chunks = nn.ModuleList(
+                ExpertChunk(config, first_expert=c * per_chunk, num_experts=per_chunk)
+                for c in range(config.num_expert_chunks)
+            )
+        else:  # this rank's chunk only, under the name it has in the whole model
+            rank = self.expert_parallel.rank
+            self.chunks = nn.ModuleDict({str(rank): ExpertChunk(config, first_expert=rank * per_chunk, num_experts=per_chunk)})
 
     def forward(
         self, hidden_states: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor
@@ -265,8 +286,13 @@ class RoutedExperts(nn.Module):
         product is ``weight [out, in] @ columns [in, n]`` (measured faster on CPU than ``rows @ weight.T``).
         """
         slots = ExpertSlots.of(topk_indices, topk_weights, self.num_experts)
-        columns = hidden_states.index_select(0, slots.token).t()  # [hidden, slots]
-        outputs = self.run_chunks(columns, slots)  # [hidden, slots], already weighted
+        if self.expert_parallel is not None:
+            (chunk,) = self.chunks.values()
+            rows = hidden_states.index_select(0, slots.token)  # [slots, hidden]
+            outputs = (self.expert_parallel.run(chunk, rows, slots.per_expert) * slots.weight[:, None]).t()
+        else:
+            columns = hidden_states.index_select(0, slots.token).t()  # [hidden, slots]
+            outputs = self.run_chunks(columns, slots)  # [hidden, slots], already weighted
         combined = hidden_states.new_zeros(hidden_states.shape[1], hidden_states.shape[0])  # [hidden, tokens]
         return combined.index_add_(1, slots.token, outputs.to(combined.dtype)).t()
 

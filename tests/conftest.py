@@ -28,3 +28,15 @@ def official_checkpoint(tmp_path):
         return directory, config, state
 
     return make
+
+
+def spawn_ranks(function, world: int, *args) -> None:
+    """Run ``function(rank, world, port, *args)`` in ``world`` fresh processes (gloo on this CPU)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(function, args=(world, port, *args), nprocs=world, join=True, start_method="spawn")

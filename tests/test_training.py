@@ -9,7 +9,7 @@ import torch
 from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
 from modeling_deepseek_moe.training import RouterStatsCallback, max_violation, routers
 
-from conftest import relative_error
+from conftest import relative_error, spawn_ranks
 
 CLASSES = {"v1": DeepseekMoEV1ForCausalLM, "v2": DeepseekMoEV2ForCausalLM, "v3": DeepseekMoEV3ForCausalLM}
 
@@ -153,15 +153,8 @@ def _bias_update_on_rank(rank: int, world: int, port: int, result_file: str) -> 
 
 
 def test_bias_update_all_reduces_loads_across_ranks(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     result = str(tmp_path / "bias")
-    mp.start_processes(_bias_update_on_rank, args=(2, port, result), nprocs=2, join=True, start_method="spawn")
+    spawn_ranks(_bias_update_on_rank, 2, result)
     biases = [torch.load(f"{result}.{rank}") for rank in range(2)]
     total = torch.arange(8.0) + torch.arange(8.0).flip(0) * 3
     expected = -0.001 * torch.sign(total - total.mean())
