@@ -23,12 +23,19 @@ def decoder_units(model: nn.Module) -> list[nn.Module]:
 def fully_shard_model(model: nn.Module, mesh=None, **fsdp_kwargs) -> nn.Module:
     """Shard ``model`` with FSDP2, the decoder layer as the wrap unit; ``mesh`` (a 1-D DeviceMesh, default:
     all ranks on the current device type) and ``fsdp_kwargs`` (``mp_policy``, ``reshard_after_forward``,
-    ``offload_policy``) go to ``fully_shard``. Returns the same (now sharded) model."""
+    ``offload_policy``) go to ``fully_shard``. Returns the same (now sharded) model.
+
+    With expert parallelism the routed experts are already split over the ranks: FSDP leaves them out,
+    and their gradients (summed over every rank's tokens by the all-to-all) are divided by the number of
+    ranks, so that they are averaged over the global batch like the gradients FSDP reduces."""
     from torch.distributed.fsdp import fully_shard
 
-    for unit in decoder_units(model):
-        fully_shard(unit, mesh=mesh, **fsdp_kwargs)
-    fully_shard(model, mesh=mesh, **fsdp_kwargs)
+    parallel = [module for module in model.modules() if getattr(module, "expert_parallel", None) is not None]
+    expert_params = {param for module in parallel for param in module.parameters()}
+    for param in expert_params:
+        param.register_hook(lambda grad, ranks=parallel[0].expert_parallel.size: grad / ranks)
+    for unit in [*decoder_units(model), model]:
+        fully_shard(unit, mesh=mesh, ignored_params=expert_params or None, **fsdp_kwargs)
     return model
 
 

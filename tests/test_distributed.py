@@ -27,20 +27,20 @@ def train(model: DeepseekMoEV3ForCausalLM, ids: torch.Tensor) -> None:
         optimizer.zero_grad()
 
 
-def load(directory, checkpointing: bool) -> DeepseekMoEV3ForCausalLM:
+def load(directory, checkpointing: bool, **overrides) -> DeepseekMoEV3ForCausalLM:
     model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.float32, bias_update_speed=0.01,
-                                                     num_nextn_predict_layers=0)
+                                                     num_nextn_predict_layers=0, num_expert_chunks=2, **overrides)
     if checkpointing:
         model.gradient_checkpointing_enable()
     return model
 
 
-def _fsdp_rank(rank: int, world: int, port: int, directory: str, checkpointing: bool, result: str) -> None:
+def _fsdp_rank(rank: int, world: int, port: int, directory: str, checkpointing: bool, ep_size: int, result: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    model = fully_shard_model(load(directory, checkpointing))
+    model = fully_shard_model(load(directory, checkpointing, ep_size=ep_size))
     rows = IDS.shape[0] // world
     train(model, IDS[rank * rows : (rank + 1) * rows])
     state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
@@ -48,12 +48,17 @@ def _fsdp_rank(rank: int, world: int, port: int, directory: str, checkpointing: 
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_fsdp2_steps_equal_single_process_steps(tmp_path, official_checkpoint, checkpointing):
+@pytest.mark.parametrize("checkpointing, ep_size", [(False, 1), (True, 1), (False, 2)])
+def test_fsdp2_steps_equal_single_process_steps(tmp_path, official_checkpoint, checkpointing, ep_size):
+    """ep_size 2: experts split over the ranks (FSDP leaves them out), everything else sharded."""
     directory, _, _ = official_checkpoint("v3")
     result = str(tmp_path / "state")
-    spawn_ranks(_fsdp_rank, 2, str(directory), checkpointing, result)
+    spawn_ranks(_fsdp_rank, 2, str(directory), checkpointing, ep_size, result)
     ranks = [torch.load(f"{result}.{rank}") for rank in range(2)]
+    if ep_size > 1:  # the whole model: each rank's own experts, the rest from rank 0
+        for rank in (0, 1):
+            assert all(f".chunks.{1 - rank}." not in name for name in ranks[rank])
+        ranks[0].update({k: v for k, v in ranks[1].items() if ".chunks.1." in k})
 
     single = load(directory, checkpointing)
     before = {k: v.clone() for k, v in single.state_dict().items()}
