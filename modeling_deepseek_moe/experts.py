@@ -62,7 +62,7 @@ def _aligned_for_cpu(matrix: torch.Tensor) -> torch.Tensor:
     gradient over an odd number of columns, or a single column): such a matrix is copied row-major with
     its rows padded to 16 bytes."""
     leading = matrix.stride(-2) if matrix.stride(-1) == 1 else matrix.stride(-1)  # how the kernel reads it
-    if matrix.device.type != "cpu" or (leading * matrix.element_size()) % 16 == 0:
+    if matrix.device.type != "cpu" or matrix.numel() == 0 or (leading * matrix.element_size()) % 16 == 0:
         return matrix
     rows, cols = matrix.shape
     per_16_bytes = 16 // matrix.element_size()
@@ -97,6 +97,8 @@ class _GroupedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight, columns, offsets)
+        if columns.shape[1] == 0:  # a chunk that received no tokens (kernels reject empty operands)
+            return columns.new_zeros(weight.shape[1], 0)
         if not _grouped_mm_supported(weight, columns):
             return _looped_group_mm(weight, columns, offsets)
         if columns.device.type == "cpu" and columns.stride(0) != 1 and not _fast_row_major(columns):
@@ -106,6 +108,8 @@ class _GroupedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight, columns, offsets = ctx.saved_tensors
+        if columns.shape[1] == 0:
+            return torch.zeros_like(weight) if ctx.needs_input_grad[0] else None, torch.zeros_like(columns), None
         grad = grad.contiguous()  # CPU kernels reject broadcast gradients
         fused = _grouped_mm_supported(weight, columns)
         grad_weight = grad_columns = None

@@ -118,9 +118,10 @@ def test_bfloat16_runs_grouped():
     assert out.dtype == torch.bfloat16 and relative_error(out, reference) < 2e-2
 
 
-@pytest.mark.parametrize("columns", [1, 5, 30])
+@pytest.mark.parametrize("columns", [0, 1, 5, 30])
 def test_products_over_unaligned_column_counts_match_the_loop(columns):
-    """CPU grouped_mm needs 16-byte aligned leading strides; 1, 5 or 30 float32 columns are not."""
+    """CPU grouped_mm needs 16-byte aligned leading strides (1, 5 or 30 float32 columns are not) and
+    rejects empty operands (a chunk that received no tokens)."""
     torch.manual_seed(0)
     weight = torch.randn(4, 64, 32)
     rows = torch.randn(columns, 32)  # feature-major view of row-major rows, as the experts build them
