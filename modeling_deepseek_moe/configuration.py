@@ -38,9 +38,10 @@ class DeepseekMoEConfig(PreTrainedConfig):
         mtp_loss_weight: V3's multi-token-prediction loss weight lambda (0.3 early in the paper, then 0.1);
             0 leaves the MTP modules out of training.
         fp8_compute: with an FP8 ``quantization_config``, how quantized weights multiply: "auto" (FP8
-            GEMMs with activations quantized per 1 x 128 group where the GPU has them, compute capability
-            >= 8.9; else "dequantize"), "dequantize" (each weight dequantized for the product that uses it,
-            memory stays FP8) or "scaled" (always FP8 activations; emulated without FP8 kernels).
+            GEMMs with activations quantized per 1 x 128 group for projections where the GPU has them,
+            compute capability >= 8.9; "dequantize" for the rest), "dequantize" (each weight dequantized
+            for the product that uses it, memory stays FP8) or "scaled" (always FP8 activations; emulated
+            where there is no FP8 kernel, e.g. on CPUs and for routed experts).
     """
 
     # Which attention the family uses ("mha": Llama-style, "mla": Multi-head Latent Attention).

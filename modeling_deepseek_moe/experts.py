@@ -33,7 +33,6 @@ from .fp8 import (
     quantize_dequantize_activations,
     quantize_stacked,
     stacked_scale_shape,
-    uses_scaled_matmul,
 )
 
 # Width multiple of each expert's column group (grouped GEMMs on CPU measured ~20% slower on odd widths).
@@ -243,8 +242,9 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, columns: t
                        parts: int, mode: str, block: tuple[int, int]) -> torch.Tensor:
     """:func:`grouped_linear` with FP8 stacked weights: only the experts with columns are dequantized (in
     the columns' dtype), at most ``DEQUANTIZE_BUDGET_BYTES`` of them at a time; ``mode`` "scaled" first
-    sends the activations through FP8 in 1 x 128 groups (DeepSeek's inference numerics)."""
-    if uses_scaled_matmul(mode, columns.device):
+    sends the activations through FP8 in 1 x 128 groups (DeepSeek's inference numerics). There is no
+    grouped FP8 kernel here yet, so "auto" dequantizes on every device (emulating would only add work)."""
+    if mode == "scaled":
         columns = quantize_dequantize_activations(columns.t(), block[1]).t().to(columns.dtype)
     ends = offsets.tolist()
     starts = [0, *ends[:-1]]

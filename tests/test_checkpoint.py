@@ -21,6 +21,8 @@ from modeling_deepseek_moe import (
     DeepseekMoEV3Model,
 )
 
+from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
+
 from conftest import relative_error
 
 CLASSES = {"v2": DeepseekMoEV2ForCausalLM, "v3": DeepseekMoEV3ForCausalLM}
@@ -94,8 +96,13 @@ def test_auto_classes_load_saved_folder(official_checkpoint, tmp_path):
         assert torch.equal(reloaded(ids).logits, original(ids).logits)
 
 
-def test_trust_remote_code_in_a_process_without_the_package(official_checkpoint, tmp_path):
-    directory, _, _ = official_checkpoint("v3")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_trust_remote_code_in_a_process_without_the_package(official_checkpoint, tmp_path, fp8):
+    if fp8:  # DeepSeek-V3 as released: the copied code must carry the FP8 layers too
+        directory = tmp_path / "fp8"
+        write_fp8_official_checkpoint(directory, "v3")
+    else:
+        directory, _, _ = official_checkpoint("v3")
     model = DeepseekMoEV3ForCausalLM.from_pretrained(directory)
     model.save_pretrained(tmp_path / "saved")
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
