@@ -158,8 +158,7 @@ def prepare_destination(destination: str, overwrite: bool, resume: bool, plan: P
             journal = json.load(handle)
         if journal.get("plan") != plan.name or journal.get("arguments") != plan.arguments:
             raise CheckpointError(f"{work} holds a different conversion ({journal.get('plan')}); drop --resume")
-        finished = [f for f in journal["finished"] if os.path.isfile(os.path.join(work, f))]
-        return work, finished
+        return work, list(journal["finished"])  # the units (shards) each subcommand recorded as done
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     return work, []

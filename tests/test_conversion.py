@@ -334,3 +334,48 @@ def test_progress_bar_shows_bytes_unless_quiet(tmp_path, fp8_v3, capsys):
     assert "to-official" in err and "100%" in err and "B/s" in err
     main(["to-official", fp8_v3, str(tmp_path / "p"), "--quiet"])
     assert capsys.readouterr().err == ""
+
+
+def test_inference_format_conversions_resume_after_an_interruption(tmp_path, monkeypatch):
+    source = write_fp8_official(tmp_path / "v3", num_shards=4, **MP_FRIENDLY)
+    real_write = conversion.write_tensor
+    calls = []
+    monkeypatch.setattr(conversion, "write_tensor", lambda *args: calls.append(1) or real_write(*args))
+    conversion.to_mp(source, str(tmp_path / "mp-straight"), 2, quiet=True)
+    conversion.from_mp(str(tmp_path / "mp-straight"), str(tmp_path / "back-straight"), f"{source}/config.json", quiet=True)
+    total, calls = len(calls), []
+
+    def write_then_fail(handle, offset, tensor):  # dies a few writes before the end, inside the last shard
+        calls.append(offset)
+        if len(calls) == total - 3:
+            raise KeyboardInterrupt
+        real_write(handle, offset, tensor)
+
+    monkeypatch.setattr(conversion, "write_tensor", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        conversion.to_mp(source, str(tmp_path / "mp"), 2, quiet=True)
+    monkeypatch.setattr(conversion, "write_tensor", real_write)
+    assert conversion.to_mp(source, str(tmp_path / "mp"), 2, resume=True, quiet=True).shards_skipped >= 1
+    for rank in range(2):
+        assert (tmp_path / "mp" / mp_file(rank, 2)).read_bytes() == (tmp_path / "mp-straight" / mp_file(rank, 2)).read_bytes()
+
+    real_writer = conversion.SafetensorsWriter
+
+    class InterruptedInSecondShard(real_writer):
+        opened = 0
+
+        def __enter__(self):
+            InterruptedInSecondShard.opened += 1
+            if InterruptedInSecondShard.opened == 2:
+                raise KeyboardInterrupt
+            return self
+
+    monkeypatch.setattr(conversion, "SafetensorsWriter", InterruptedInSecondShard)
+    with pytest.raises(KeyboardInterrupt):
+        conversion.from_mp(str(tmp_path / "mp"), str(tmp_path / "back"), f"{source}/config.json", quiet=True, max_shard_size=2**20)
+    monkeypatch.setattr(conversion, "SafetensorsWriter", real_writer)
+    summary = conversion.from_mp(str(tmp_path / "mp"), str(tmp_path / "back"), f"{source}/config.json", resume=True,
+                                 quiet=True, max_shard_size=2**20)
+    assert summary.shards_skipped == 1
+    resumed, straight = read_all(tmp_path / "back"), read_all(tmp_path / "back-straight")
+    assert resumed.keys() == straight.keys() and all(bit_equal(resumed[k], straight[k]) for k in resumed)
