@@ -1,14 +1,16 @@
 """Train a tiny DeepSeek-V3 (built locally in the official layout) on several processes with PyTorch's own
-engines: FSDP2 with the decoder layer as the wrap unit, and with ``--expert-parallel`` each rank holding
-1/N of every layer's routed experts (tokens travel by all-to-all). Each rank reads its own slice of every
-batch; the V3 bias update all-reduces the routers' loads, so every rank applies the same one.
+engines: FSDP2 with the decoder layer as the wrap unit, and with ``--ep-size N`` expert parallelism: in
+each block of N ranks every rank holds 1/N of every layer's routed experts (tokens travel by
+all-to-all), blocks being data-parallel replicas (a (world / N, N) mesh). Each rank reads its own slice of
+every batch; the V3 bias update all-reduces the routers' loads, so every rank applies the same one.
 
-    torchrun --nproc-per-node 2 examples/train_distributed.py [--expert-parallel] [--steps 30]
+    torchrun --nproc-per-node 2 examples/train_distributed.py [--ep-size 2] [--steps 30]
+    torchrun --nproc-per-node 4 examples/train_distributed.py --ep-size 2      # 2 replicas x 2 expert ranks
     # several machines: torchrun --nnodes 2 --node-rank R --master-addr HOST --master-port 29500 \\
-    #     --nproc-per-node 8 examples/train_distributed.py --expert-parallel --model /shared/DeepSeek-V3-bf16
+    #     --nproc-per-node 8 examples/train_distributed.py --ep-size 8 --model /shared/DeepSeek-V3-bf16
 
 gloo on CPUs, NCCL on GPUs (one GPU per process). ``--model`` loads a real checkpoint instead (a path
-every rank can read; with ``--expert-parallel`` each rank reads only its own experts).
+every rank can read; with ``--ep-size`` each rank reads only its own experts).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from modeling_deepseek_moe.training import max_violation, routers
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--expert-parallel", action="store_true", help="ep_size = number of processes")
+    parser.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks per block (divides the world size)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=8, help="sequences per step, over all ranks")
     parser.add_argument("--model", help="an official-layout checkpoint (default: a tiny V3 built here)")
@@ -48,7 +50,7 @@ def main() -> None:
 
     model = DeepseekMoEV3ForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, device_map=str(device), bias_update_speed=0.01,
-        ep_size=world if args.expert_parallel else 1)
+        ep_size=args.ep_size)
     model.gradient_checkpointing_enable()
     fully_shard_model(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)

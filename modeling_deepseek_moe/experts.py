@@ -22,7 +22,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration import DeepseekMoEConfig
-from .distributed import ExpertParallel
+from .distributed import ExpertParallel, scale_gradient
 from .fp8 import (
     DEQUANTIZE_BUDGET_BYTES,
     FP8_DTYPE,
@@ -168,6 +168,7 @@ class ExpertChunk(nn.Module):
                 setattr(self, name, nn.Parameter(torch.empty(shape, dtype=FP8_DTYPE), requires_grad=False))
                 self.register_buffer(name + "_scale_inv", torch.empty(stacked_scale_shape(*shape, self.PARTS[name], self.fp8["block"])))
         self.act_fn = ACT2FN[config.hidden_act]
+        self.gradient_scale = 1.0  # expert parallelism: 1 / ep_size (see distributed.ExpertParallel)
 
     def forward(
         self,
@@ -197,6 +198,8 @@ class ExpertChunk(nn.Module):
             output = fp8_grouped_linear(weight, getattr(self, projection + "_scale_inv"), inputs, offsets,
                                         self.PARTS[projection], self.fp8["mode"], self.fp8["block"])
         else:
+            if self.gradient_scale != 1.0 and weight.requires_grad:
+                weight = scale_gradient(weight, self.gradient_scale)
             output = grouped_linear(weight, inputs, offsets)
         extra = delta(projection, inputs, offsets) if delta is not None else None
         return output if extra is None else output + extra.to(output.dtype)
@@ -278,7 +281,9 @@ class RoutedExperts(nn.Module):
             )
         else:  # this rank's chunk only, under the name it has in the whole model
             rank = self.expert_parallel.rank
-            self.chunks = nn.ModuleDict({str(rank): ExpertChunk(config, first_expert=rank * per_chunk, num_experts=per_chunk)})
+            chunk = ExpertChunk(config, first_expert=rank * per_chunk, num_experts=per_chunk)
+            chunk.gradient_scale = 1.0 / self.expert_parallel.size
+            self.chunks = nn.ModuleDict({str(rank): chunk})
 
     def forward(
         self, hidden_states: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor
