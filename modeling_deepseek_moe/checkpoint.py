@@ -426,7 +426,7 @@ class StateFiller:
                 for key in keys:
                     slot = self.layout.slot(key)
                     if slot is not None and not self.skips(slot.param):  # only what this model holds is read
-                        self.fill(key, read_tensor(handle, key, path), path)
+                        self.fill(key, slot, read_tensor(handle, key, path), path)
         self.check_complete()
         self.check_mtp_copies(directory)
         for module in self.model.modules():
@@ -459,8 +459,7 @@ class StateFiller:
             return True
         return self.model.config.ep_size > 1 and param not in self.targets and _CHUNK_PARAM.match(param) is not None
 
-    def fill(self, key: str, tensor: torch.Tensor, path: str) -> None:
-        slot = self.layout.slot(key)
+    def fill(self, key: str, slot: Slot, tensor: torch.Tensor, path: str) -> None:
         module, attr, is_param = self.targets[slot.param]
         current = getattr(module, attr)
         expected = current.shape if slot.index is None else current[slot.index][slot.rows or slice(None)].shape
@@ -602,18 +601,22 @@ def data_offsets(path: str) -> dict[str, int]:
     return {name: start + entry["data_offsets"][0] for name, entry in header.items()}
 
 
+def encode_header(header: dict[str, dict]) -> bytes:
+    """A safetensors JSON header (with this package's ``__metadata__``), padded with spaces to 8 bytes."""
+    encoded = json.dumps({**header, "__metadata__": {"format": "pt"}}, separators=(",", ":")).encode()
+    return encoded + b" " * (-len(encoded) % 8)
+
+
 def create_safetensors(path: str, entries: dict[str, tuple[str, list[int]]]) -> dict[str, int]:
     """Create ``path`` as a safetensors file of ``{name: (dtype name, shape)}`` whose data is still to be
     written (see :func:`write_tensor`); returns each tensor's absolute byte offset."""
     header, offset, starts = {}, 0, {}
     for name, (dtype, shape) in entries.items():
-        size = math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        size = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         starts[name] = offset
         offset += size
-    header["__metadata__"] = {"format": "pt"}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
+    encoded = encode_header(header)
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
@@ -688,14 +691,14 @@ class SafetensorsWriter:
             self.handle.close()
             os.remove(self.temporary)
             return
-        encoded = json.dumps({**self.header, "__metadata__": {"format": "pt"}}, separators=(",", ":")).encode()
+        encoded = encode_header(self.header)
         if len(encoded) <= self.reserved:
             self.handle.seek(0)
             self.handle.write(struct.pack("<Q", self.reserved) + encoded.ljust(self.reserved))
             self.handle.close()
         else:
             self.handle.close()
-            self._move_data(encoded + b" " * (-len(encoded) % 8))
+            self._move_data(encoded)
         os.replace(self.temporary, self.path)
 
     def _move_data(self, encoded: bytes) -> None:

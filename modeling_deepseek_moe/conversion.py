@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from tqdm.auto import tqdm
@@ -71,8 +72,9 @@ class Source:
     config: dict
     files: dict[str, dict[str, dict]]
 
-    @property
+    @cached_property
     def keys(self) -> dict[str, str]:
+        """``{key: file}``, built once (conversions look scales up once per weight)."""
         return {key: file for file, entries in self.files.items() for key in entries}
 
     def size(self) -> int:
