@@ -28,6 +28,7 @@ from .fp8 import (
     FP8_DTYPE,
     dequantize_stacked,
     fp8_settings,
+    frozen_product,
     keep_dtypes_apply,
     projection,
     quantize_dequantize_activations,
@@ -87,22 +88,27 @@ def _looped_weight_grad(grad: torch.Tensor, columns: torch.Tensor, offsets: torc
     return grad_weight
 
 
-class _GroupedMatmul(torch.autograd.Function):
+def _grouped_product(weight: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``out[:, cols of g] = weight[g] @ columns[:, cols of g]`` with ``weight`` ``[groups, out, in]`` and
     ``columns`` ``[in, cols]``: grouped_mm's "3d x 2d" form, where the weights keep their stored
     ``[out, in]`` layout and each expert's product is one wide GEMM (measured faster on CPU than
     ``rows @ weight.T``). Falls back to a per-group loop where the build has no kernel."""
+    if columns.shape[1] == 0:  # a chunk that received no tokens (kernels reject empty operands)
+        return columns.new_zeros(weight.shape[1], 0)
+    if not _grouped_mm_supported(weight, columns):
+        return _looped_group_mm(weight, columns, offsets)
+    if columns.device.type == "cpu" and columns.stride(0) != 1 and not _fast_row_major(columns):
+        columns = columns.t().contiguous().t()
+    return _GROUPED_MM(weight, _aligned_for_cpu(columns), offs=offsets)
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """:func:`_grouped_product` with gradients for the weights and the columns."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight, columns, offsets)
-        if columns.shape[1] == 0:  # a chunk that received no tokens (kernels reject empty operands)
-            return columns.new_zeros(weight.shape[1], 0)
-        if not _grouped_mm_supported(weight, columns):
-            return _looped_group_mm(weight, columns, offsets)
-        if columns.device.type == "cpu" and columns.stride(0) != 1 and not _fast_row_major(columns):
-            columns = columns.t().contiguous().t()
-        return _GROUPED_MM(weight, _aligned_for_cpu(columns), offs=offsets)
+        return _grouped_product(weight, columns, offsets)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -118,11 +124,7 @@ class _GroupedMatmul(torch.autograd.Function):
             else:
                 grad_weight = _looped_weight_grad(grad, columns, offsets, weight.shape[0])
         if ctx.needs_input_grad[1]:
-            weight_t = weight.transpose(1, 2)
-            if fused:
-                grad_columns = _GROUPED_MM(weight_t, _aligned_for_cpu(grad), offs=offsets)
-            else:
-                grad_columns = _looped_group_mm(weight_t, grad, offsets)
+            grad_columns = _grouped_product(weight.transpose(1, 2), grad, offsets)
         return grad_weight, grad_columns, None
 
 
@@ -243,27 +245,38 @@ class ExpertChunk(nn.Module):
 
 def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor,
                        parts: int, mode: str, block: tuple[int, int]) -> torch.Tensor:
-    """:func:`grouped_linear` with FP8 stacked weights: only the experts with columns are dequantized (in
-    the columns' dtype), at most ``DEQUANTIZE_BUDGET_BYTES`` of them at a time; ``mode`` "scaled" first
-    sends the activations through FP8 in 1 x 128 groups (DeepSeek's inference numerics). There is no
-    grouped FP8 kernel here yet, so "auto" dequantizes on every device (emulating would only add work)."""
+    """:func:`grouped_linear` with FP8 stacked weights (frozen): only the experts with columns are
+    dequantized (in the columns' dtype), at most ``DEQUANTIZE_BUDGET_BYTES`` of them at a time, in the
+    forward and again in the backward (autograd keeps no dequantized copy); ``mode`` "scaled" first sends
+    the activations through FP8 in 1 x 128 groups (DeepSeek's inference numerics). There is no grouped FP8
+    kernel here yet, so "auto" dequantizes on every device (emulating would only add work)."""
     if mode == "scaled":
         columns = quantize_dequantize_activations(columns.t(), block[1]).t().to(columns.dtype)
     ends = offsets.tolist()
     starts = [0, *ends[:-1]]
     active = [expert for expert, (start, end) in enumerate(zip(starts, ends)) if end > start]
-    if not active:
-        return columns.new_zeros(weight.shape[1], columns.shape[1])
     per_batch = max(1, DEQUANTIZE_BUDGET_BYTES // (weight[0].numel() * columns.element_size()))
-    outputs = []
-    for first in range(0, len(active), per_batch):
-        experts = active[first : first + per_batch]
-        index = torch.tensor(experts, device=weight.device)
-        dense = dequantize_stacked(weight.index_select(0, index), scale_inv.index_select(0, index), parts, columns.dtype, block)
-        begin = starts[experts[0]]
-        local_offsets = torch.tensor([ends[e] - begin for e in experts], dtype=torch.int32, device=columns.device)
-        outputs.append(grouped_linear(dense, columns[:, begin : ends[experts[-1]]], local_offsets))
-    return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+    batches = [active[first : first + per_batch] for first in range(0, len(active), per_batch)]
+
+    def product(inputs: torch.Tensor, transposed: bool) -> torch.Tensor:
+        if not batches:
+            return inputs.new_zeros(weight.shape[2 if transposed else 1], inputs.shape[1])
+        outputs = []
+        for experts in batches:
+            if experts[-1] - experts[0] == len(experts) - 1:  # consecutive experts: views, no copy
+                chosen = slice(experts[0], experts[-1] + 1)
+                stack, scales = weight[chosen], scale_inv[chosen]
+            else:
+                index = torch.tensor(experts, device=weight.device)
+                stack, scales = weight.index_select(0, index), scale_inv.index_select(0, index)
+            dense = dequantize_stacked(stack, scales, parts, inputs.dtype, block)
+            begin = starts[experts[0]]
+            local_offsets = torch.tensor([ends[e] - begin for e in experts], dtype=torch.int32, device=inputs.device)
+            outputs.append(_grouped_product(dense.transpose(1, 2) if transposed else dense,
+                                            inputs[:, begin : ends[experts[-1]]], local_offsets))
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+    return frozen_product(columns, product)
 
 
 class RoutedExperts(nn.Module):

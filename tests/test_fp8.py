@@ -87,6 +87,14 @@ def test_stacked_experts_quantize_per_expert():
         assert torch.equal(scale_inv[expert], single_scale)
 
 
+def test_cpu_conversion_is_exact_for_every_fp8_code():
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0  # the two NaN codes
+    weight = codes.repeat(128, 2).view(torch.float8_e4m3fn)  # [128, 512]: every code, subnormals included
+    scale_inv = torch.tensor([[0.75, 2.0**-10, 3.0, 1e-3]])
+    assert torch.equal(dequantize_fp8_blockwise(weight, scale_inv), reference_dequantize(weight, scale_inv))
+
+
 def test_wrong_scale_shape_is_an_error_not_a_guess():
     quantized, scale_inv = quantize_fp8_blockwise(torch.randn(192, 256))
     with pytest.raises(ValueError, match=r"weight_scale_inv has shape \[1, 2\], expected \[2, 2\]"):
@@ -130,6 +138,25 @@ def test_dequantize_path_equals_the_dequantized_float32_model(tmp_path, fp8_chec
     ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert relative_error(model(ids).logits, reference(ids).logits) < 1e-5
+
+
+def test_gradients_through_fp8_weights_dequantize_again_instead_of_keeping_a_copy(tmp_path, fp8_checkpoint):
+    directory = fp8_checkpoint("v3")
+    model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.float32, fp8_compute="dequantize")
+    reference = DeepseekMoEV3ForCausalLM.from_pretrained(dequantized_reference(directory, tmp_path / "reference"))
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+    dequantized_shapes = {tuple(p.shape[-2:]) for p in model.parameters() if p.dtype == FP8_DTYPE}
+    saved = []
+
+    def input_gradient(net, record=False):
+        embeddings = net.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t if record else t, lambda t: t):
+            net(inputs_embeds=embeddings, labels=ids).loss.backward()
+        return embeddings.grad
+
+    assert relative_error(input_gradient(model, record=True), input_gradient(reference)) < 1e-5
+    float_copies = [t for t in saved if t.is_floating_point() and t.dtype != FP8_DTYPE and tuple(t.shape[-2:]) in dequantized_shapes]
+    assert saved and not float_copies  # autograd kept FP8 weights (or nothing), no dequantized weight
 
 
 @pytest.mark.parametrize("family", ["v1", "v3"])
