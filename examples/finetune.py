@@ -1,9 +1,13 @@
 """Fine-tune a tiny DeepSeek model (built locally in the official layout) on a small text file with
 transformers' Trainer and gradient accumulation 2: the loss falls, the routers' MaxVio falls, V3's
 correction biases move (once per optimizer step). ``--lora`` trains PEFT LoRA adapters instead
-(attention, dense MLPs, shared and routed experts).
+(attention, dense MLPs, shared and routed experts). ``--fsdp`` shards the model with accelerate's FSDP2
+plugin (the decoder layer as the wrap unit), launched on GPUs with torchrun or ``accelerate launch``:
 
     python examples/finetune.py [--family v3] [--steps 60] [--lora]
+    torchrun --nproc-per-node 8 examples/finetune.py --fsdp
+
+(accelerate 1.15 applies FSDP on accelerators only: on CPU processes it falls back to DDP, and says so.)
 
 Text is byte-tokenised (the tiny models have a 256-token vocabulary), so no tokenizer download is needed.
 """
@@ -40,17 +44,35 @@ class ByteChunks(torch.utils.data.Dataset):
         return {"input_ids": self.chunks[index], "labels": self.chunks[index]}
 
 
+# FSDP2 with one unit per decoder layer (accelerate shards the embedding, norm and head with the root).
+FSDP_ARGUMENTS = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["DeepseekMoEDecoderLayer"]})
+
+
+def biases_agree(model: torch.nn.Module) -> bool:
+    """Whether every rank holds the same V3 correction biases (the bias update all-reduces the loads)."""
+    import torch.distributed as dist
+
+    biases = [r.e_score_correction_bias for r in routers(model).values() if r.e_score_correction_bias is not None]
+    if not biases or not dist.is_initialized():
+        return True
+    mine = torch.cat(biases)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return all(torch.equal(mine, other) for other in gathered)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=sorted(CLASSES), default="v3")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 through Trainer's accelerate plugin (GPUs)")
     parser.add_argument("--bias-update-speed", type=float, default=0.01,
                         help="V3's gamma; larger than DeepSeek's 0.001 because this run is 60 steps, not 14.8T tokens")
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "deepseek-moe-finetune"))
     args = parser.parse_args()
 
-    official = os.path.join(args.out, "base")
+    official = os.path.join(args.out, f"base-{os.environ.get('RANK', 0)}")  # one per process: the same seeded weights
     write_official_checkpoint(official, tiny_official_config(args.family), num_shards=1)
     model = CLASSES[args.family].from_pretrained(official, dtype=torch.float32, bias_update_speed=args.bias_update_speed)
     if args.lora:
@@ -65,10 +87,17 @@ def main() -> None:
     training = TrainingArguments(
         output_dir=os.path.join(args.out, "run"), max_steps=args.steps, per_device_train_batch_size=4,
         gradient_accumulation_steps=2, learning_rate=3e-3 if args.lora else 1e-3, warmup_steps=5,
-        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        logging_steps=10, save_strategy="no", report_to=[], use_cpu=not (args.fsdp and torch.cuda.is_available()), disable_tqdm=True, seed=0,
+        **(FSDP_ARGUMENTS if args.fsdp else {}),
     )
     trainer = Trainer(model=model, args=training, train_dataset=ByteChunks(TEXT, 64), callbacks=[RouterStatsCallback()])
     trainer.train()
+    agree = biases_agree(model)  # a collective: every rank takes part
+    if not trainer.is_world_process_zero():
+        return
+    if args.fsdp:
+        print(f"accelerate's distributed type: {trainer.accelerator.distributed_type}; V3 correction biases "
+              f"identical on all {trainer.accelerator.num_processes} ranks: {agree}")
 
     history = [entry for entry in trainer.state.log_history if "loss" in entry and "moe/max_vio" in entry]
     first, last = history[0], history[-1]
@@ -79,6 +108,8 @@ def main() -> None:
         moved = [(r.e_score_correction_bias - b).abs().max().item()
                  for r, b in zip([r for r in routers(model).values() if r.e_score_correction_bias is not None], biases_before)]
         print(f"largest V3 correction-bias move per layer: {[round(m, 4) for m in moved]}")
+    if args.fsdp:
+        return  # parameters are sharded: gather them (accelerator.get_state_dict) to save a whole model
     trainer.save_model(os.path.join(args.out, "final"))
     print(f"saved to {os.path.join(args.out, 'final')}")
 

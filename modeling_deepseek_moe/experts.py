@@ -302,7 +302,7 @@ class RoutedExperts(nn.Module):
         self, hidden_states: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
         """``hidden_states`` ``[tokens, hidden]``, ``topk_indices``/``topk_weights`` ``[tokens, top_k]`` ->
-        the weighted sum of each token's experts, ``[tokens, hidden]`` (a transposed view).
+        the weighted sum of each token's experts, ``[tokens, hidden]``.
 
         The experts work feature-major: one column per (token, expert) assignment, so that each expert's
         product is ``weight [out, in] @ columns [in, n]`` (measured faster on CPU than ``rows @ weight.T``).
@@ -316,7 +316,8 @@ class RoutedExperts(nn.Module):
             columns = hidden_states.index_select(0, slots.token).t()  # [hidden, slots]
             outputs = self.run_chunks(columns, slots)  # [hidden, slots], already weighted
         combined = hidden_states.new_zeros(hidden_states.shape[1], hidden_states.shape[0])  # [hidden, tokens]
-        return combined.index_add_(1, slots.token, outputs.to(combined.dtype)).t()
+        # One blocked transpose (.contiguous()) costs less than a strided read in every later use.
+        return combined.index_add_(1, slots.token, outputs.to(combined.dtype)).t().contiguous()
 
     def run_chunks(self, columns: torch.Tensor, slots: ExpertSlots) -> torch.Tensor:
         if len(self.chunks) == 1:

@@ -46,10 +46,9 @@ class MoEBlock(nn.Module):
         if self.training and self.config.capacity_factor is not None:
             keep = capacity_keep_mask(topk_indices, topk_weights, self.gate.num_experts, self.config.capacity_factor)
             topk_weights = topk_weights * keep  # a dropped assignment contributes nothing
-        output = self.experts(tokens, topk_indices, topk_weights)  # a transposed view
+        output = self.experts(tokens, topk_indices, topk_weights)
         if self.shared_experts is not None:
-            # Into the shared experts' fresh contiguous output: no new buffer, a contiguous result.
-            shared = self.shared_experts(tokens)
+            shared = self.shared_experts(tokens)  # added into in place: no new buffer
             output = shared.add_(output.to(shared.device)).to(tokens.device)
         output = output.reshape(shape)
         self.aux_loss = self.balance_loss(routing, shape[0] if len(shape) == 3 else 1) if self.training else None

@@ -1,7 +1,12 @@
 """CUDA checks (skipped without a GPU): grouped experts and whole models on the GPU against the CPU,
-and a layer's expert chunks split between cuda:0 and the CPU against the all-GPU model."""
+a layer's expert chunks split between cuda:0 and the CPU against the all-GPU model, and Trainer with
+accelerate's FSDP2 plugin (which accelerate applies on accelerators only)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,3 +86,17 @@ def test_fp8_scaled_mm_matches_the_emulated_fp8_activation_path():
     exact = fp8_linear(x, quantized, scale_inv, mode="dequantize")
     assert relative_error(kernel.float().cpu(), emulated) < 1e-2
     assert relative_error(kernel.float().cpu(), exact) < 3e-2
+
+
+def test_trainer_with_accelerate_fsdp2_plugin(tmp_path):
+    """examples/finetune.py --fsdp under torchrun on up to 2 GPUs: accelerate runs FSDP (not DDP), the loss
+    falls and every rank ends with the same V3 correction biases."""
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "finetune.py")
+    processes = min(2, torch.cuda.device_count())
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}", example,
+                           "--fsdp", "--steps", "30", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "distributed type: DistributedType.FSDP" in done.stdout
+    assert f"identical on all {processes} ranks: True" in done.stdout
+    losses = [float(line.split()[2]) for line in done.stdout.splitlines() if line.startswith(("first log", "last log"))]
+    assert len(losses) == 2 and losses[1] < losses[0]
