@@ -1,7 +1,8 @@
 """Peak memory of one LoRA training step (forward + backward + AdamW step) on a DeepSeek-V3-style model
 with 64 routed experts: LoRA on attention only, vs LoRA also on the routed experts through PEFT's
-``target_parameters`` (``ParamWrapper``) or through this package's ``ExpertChunkLora``. Each candidate runs in a fresh process; the figure is the
-growth of peak RSS over the process's RSS before the step.
+``target_parameters`` (``ParamWrapper``) or through this package's ``ExpertChunkLora``, the last also on the
+same model's FP8 checkpoint (frozen block-wise FP8 weights). Each candidate runs in a fresh process; the
+figure is the growth of peak RSS over the process's RSS before the step.
 
     python benchmarks/bench_lora_memory.py [--json benchmarks/results/bench_lora_memory.json]
 """
@@ -23,7 +24,10 @@ CANDIDATES = {
         target_parameters=["gate_up_proj", "down_proj"],
     ),
     "attention + routed experts (ExpertChunkLora)": "lora_config",
+    # The same model with DeepSeek-V3's block-wise FP8 weights (frozen; float32 compute and adapters).
+    "FP8 base: attention + routed experts (ExpertChunkLora)": "lora_config",
 }
+FP8_BASE = {"FP8 base: attention + routed experts (ExpertChunkLora)"}
 MODEL = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=3,
              n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4, num_attention_heads=8,
              q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
@@ -73,20 +77,22 @@ def main() -> None:
     if args.child:
         print(json.dumps(one_step(*args.child)))
         return
-    from modeling_deepseek_moe.synthetic import tiny_official_config, write_official_checkpoint
+    from modeling_deepseek_moe.synthetic import tiny_official_config, write_fp8_official_checkpoint, write_official_checkpoint
 
-    directory = tempfile.mkdtemp()
+    directory, fp8_directory = tempfile.mkdtemp(), tempfile.mkdtemp()
     write_official_checkpoint(directory, tiny_official_config("v3", **MODEL), num_shards=1)
+    write_fp8_official_checkpoint(fp8_directory, "v3", **MODEL)
     results = {}
     for candidate in CANDIDATES:
-        output = subprocess.run([sys.executable, __file__, "--child", candidate, directory], capture_output=True, text=True, check=True)
+        source = fp8_directory if candidate in FP8_BASE else directory
+        output = subprocess.run([sys.executable, __file__, "--child", candidate, source], capture_output=True, text=True, check=True)
         results[candidate] = json.loads(output.stdout.strip().splitlines()[-1])
     reference = results["attention only"]["step_peak_growth_mb"]
     print(f"model: {MODEL}, batch 4 x 256 tokens, LoRA r=8, fp32")
-    print(f"{'candidate':<56}{'step peak growth (MB)':>24}{'ratio':>10}")
+    print(f"{'candidate':<60}{'step peak growth (MB)':>24}{'ratio':>10}")
     for name, row in results.items():
         row["ratio_to_attention_only"] = row["step_peak_growth_mb"] / reference
-        print(f"{name:<56}{row['step_peak_growth_mb']:>24.1f}{row['ratio_to_attention_only']:>10.2f}")
+        print(f"{name:<60}{row['step_peak_growth_mb']:>24.1f}{row['ratio_to_attention_only']:>10.2f}")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from timing import write_json
 
