@@ -26,6 +26,7 @@ from .distributed import ExpertParallel, scale_gradient
 from .fp8 import (
     DEQUANTIZE_BUDGET_BYTES,
     FP8_DTYPE,
+    dequantize_fp8_blockwise,
     dequantize_stacked,
     fp8_settings,
     frozen_product,
@@ -255,14 +256,26 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, columns: t
     ends = offsets.tolist()
     starts = [0, *ends[:-1]]
     active = [expert for expert, (start, end) in enumerate(zip(starts, ends)) if end > start]
-    per_batch = max(1, DEQUANTIZE_BUDGET_BYTES // (weight[0].numel() * columns.element_size()))
+    expert_bytes = weight[0].numel() * columns.element_size()
+    per_batch = max(1, DEQUANTIZE_BUDGET_BYTES // expert_bytes)
     batches = [active[first : first + per_batch] for first in range(0, len(active), per_batch)]
+    # An expert over the budget (DeepSeek-V3's gate/up: 117 MB in float32) goes by row tiles of whole scale
+    # blocks, where its parts (gate, up) share one block grid.
+    tile_rows = weight.shape[1]
+    if expert_bytes > DEQUANTIZE_BUDGET_BYTES and (weight.shape[1] // parts) % block[0] == 0:
+        row_bytes = weight.shape[2] * columns.element_size()
+        tile_rows = max(1, DEQUANTIZE_BUDGET_BYTES // (row_bytes * block[0])) * block[0]
 
     def product(inputs: torch.Tensor, transposed: bool) -> torch.Tensor:
         if not batches:
             return inputs.new_zeros(weight.shape[2 if transposed else 1], inputs.shape[1])
         outputs = []
         for experts in batches:
+            if tile_rows < weight.shape[1]:  # batches of one expert
+                (expert,) = experts
+                outputs.append(_expert_by_row_tiles(weight[expert], scale_inv[expert], inputs[:, starts[expert] : ends[expert]],
+                                                    transposed, tile_rows, block))
+                continue
             if experts[-1] - experts[0] == len(experts) - 1:  # consecutive experts: views, no copy
                 chosen = slice(experts[0], experts[-1] + 1)
                 stack, scales = weight[chosen], scale_inv[chosen]
@@ -277,6 +290,23 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, columns: t
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
     return frozen_product(columns, product)
+
+
+def _expert_by_row_tiles(weight: torch.Tensor, scale_inv: torch.Tensor, inputs: torch.Tensor, transposed: bool,
+                         tile_rows: int, block: tuple[int, int]) -> torch.Tensor:
+    """One FP8 expert ``[rows, cols]`` times ``inputs``, dequantized ``tile_rows`` rows at a time:
+    ``weight @ inputs`` (output rows tile by tile) or ``weight.T @ inputs`` (a sum over the tiles)."""
+    pieces, total = [], None
+    for top in range(0, weight.shape[0], tile_rows):
+        bottom = min(top + tile_rows, weight.shape[0])
+        scales = scale_inv[top // block[0] : -(-bottom // block[0])]
+        tile = dequantize_fp8_blockwise(weight[top:bottom], scales, inputs.dtype, block)
+        if transposed:
+            part = tile.t() @ inputs[top:bottom]
+            total = part if total is None else total.add_(part)
+        else:
+            pieces.append(tile @ inputs)
+    return total if transposed else torch.cat(pieces)
 
 
 class RoutedExperts(nn.Module):

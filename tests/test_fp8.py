@@ -21,8 +21,10 @@ from modeling_deepseek_moe.fp8 import (
     SCALE_SUFFIX,
     FP8Linear,
     dequantize_fp8_blockwise,
+    dequantize_stacked,
     fp8_linear,
     quantize_fp8_blockwise,
+    quantize_stacked,
     scale_shape,
 )
 from modeling_deepseek_moe.lora import lora_config
@@ -215,6 +217,27 @@ def test_products_dequantize_a_bounded_batch_of_experts_at_a_time(fp8_checkpoint
         batched = model(ids).logits
     assert used <= 3 * 2 * 16  # at most the 16 experts of each MoE layer (2 + MTP), per projection pair
     assert max(calls) == 1 and torch.allclose(batched, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_experts_over_the_budget_go_by_row_tiles_forward_and_backward(monkeypatch):
+    block, rows, cols = (16, 16), 2 * 32, 48  # gate and up of 32 rows each: one block grid
+    weight, scale_inv = quantize_stacked(torch.randn(4, rows, cols), 2, block)
+    offsets = torch.tensor([5, 5, 12, 20], dtype=torch.int32)  # expert 1 receives nothing
+    columns = torch.randn(cols, 20, requires_grad=True)
+    upstream = torch.randn(rows, 20)
+    dense = dequantize_stacked(weight, scale_inv, 2, torch.float32, block)
+    starts = [0, *offsets.tolist()[:-1]]
+    expected = torch.cat([dense[e] @ columns[:, s:t] for e, (s, t) in enumerate(zip(starts, offsets.tolist()))], dim=1)
+    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), columns)
+
+    tiles = []
+    real = experts.dequantize_fp8_blockwise
+    monkeypatch.setattr(experts, "dequantize_fp8_blockwise", lambda w, *a: tiles.append(w.shape[0]) or real(w, *a))
+    monkeypatch.setattr(experts, "DEQUANTIZE_BUDGET_BYTES", 16 * cols * 4)  # one block row of one expert
+    output = experts.fp8_grouped_linear(weight, scale_inv, columns, offsets, 2, "dequantize", block)
+    (grad,) = torch.autograd.grad((output * upstream).sum(), columns)
+    assert set(tiles) == {16} and len(tiles) == 2 * 3 * rows // 16  # forward + backward, 3 active experts
+    assert relative_error(output, expected) < 1e-6 and relative_error(grad, expected_grad) < 1e-6
 
 
 def test_scaled_path_quantizes_activations_per_token_in_1x128_groups():
