@@ -26,14 +26,15 @@ from .distributed import ExpertParallel, scale_gradient
 from .fp8 import (
     DEQUANTIZE_BUDGET_BYTES,
     FP8_DTYPE,
-    dequantize_fp8_blockwise,
     dequantize_stacked,
+    dequantized_row_tiles,
     fp8_settings,
     frozen_product,
     keep_dtypes_apply,
     projection,
     quantize_dequantize_activations,
     quantize_stacked,
+    row_tile_height,
     stacked_scale_shape,
 )
 
@@ -256,15 +257,10 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, columns: t
     ends = offsets.tolist()
     starts = [0, *ends[:-1]]
     active = [expert for expert, (start, end) in enumerate(zip(starts, ends)) if end > start]
-    expert_bytes = weight[0].numel() * columns.element_size()
-    per_batch = max(1, DEQUANTIZE_BUDGET_BYTES // expert_bytes)
+    per_batch = max(1, DEQUANTIZE_BUDGET_BYTES // (weight[0].numel() * columns.element_size()))
     batches = [active[first : first + per_batch] for first in range(0, len(active), per_batch)]
-    # An expert over the budget (DeepSeek-V3's gate/up: 117 MB in float32) goes by row tiles of whole scale
-    # blocks, where its parts (gate, up) share one block grid.
-    tile_rows = weight.shape[1]
-    if expert_bytes > DEQUANTIZE_BUDGET_BYTES and (weight.shape[1] // parts) % block[0] == 0:
-        row_bytes = weight.shape[2] * columns.element_size()
-        tile_rows = max(1, DEQUANTIZE_BUDGET_BYTES // (row_bytes * block[0])) * block[0]
+    # An expert over the budget (DeepSeek-V3's gate/up: 117 MB in float32) goes by row tiles.
+    tile_rows = row_tile_height(weight, columns.dtype, block, DEQUANTIZE_BUDGET_BYTES, parts)
 
     def product(inputs: torch.Tensor, transposed: bool) -> torch.Tensor:
         if not batches:
@@ -294,13 +290,10 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, columns: t
 
 def _expert_by_row_tiles(weight: torch.Tensor, scale_inv: torch.Tensor, inputs: torch.Tensor, transposed: bool,
                          tile_rows: int, block: tuple[int, int]) -> torch.Tensor:
-    """One FP8 expert ``[rows, cols]`` times ``inputs``, dequantized ``tile_rows`` rows at a time:
-    ``weight @ inputs`` (output rows tile by tile) or ``weight.T @ inputs`` (a sum over the tiles)."""
+    """One FP8 expert ``[rows, cols]`` times feature-major ``inputs``, dequantized ``tile_rows`` rows at a
+    time: ``weight @ inputs`` (output rows tile by tile) or ``weight.T @ inputs`` (a sum over the tiles)."""
     pieces, total = [], None
-    for top in range(0, weight.shape[0], tile_rows):
-        bottom = min(top + tile_rows, weight.shape[0])
-        scales = scale_inv[top // block[0] : -(-bottom // block[0])]
-        tile = dequantize_fp8_blockwise(weight[top:bottom], scales, inputs.dtype, block)
+    for top, bottom, tile in dequantized_row_tiles(weight, scale_inv, inputs.dtype, block, tile_rows):
         if transposed:
             part = tile.t() @ inputs[top:bottom]
             total = part if total is None else total.add_(part)

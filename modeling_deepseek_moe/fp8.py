@@ -168,12 +168,34 @@ def _scaled_mm_blockwise(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch
                      ScalingType.BlockWise128x128, output_dtype=x.dtype)
 
 
+def row_tile_height(weight: torch.Tensor, dtype: torch.dtype, block: tuple[int, int], budget: int, parts: int = 1) -> int:
+    """Rows of ``weight`` ``[..., rows, cols]`` (FP8) to dequantize at a time into ``dtype``: all of them
+    within ``budget`` bytes, else whole scale blocks within it (at least one) where the ``parts`` row
+    blocks quantized apart (gate, up) share one block grid, else all."""
+    rows, cols = weight.shape[-2:]
+    row_bytes = cols * torch.empty((), dtype=dtype).element_size()
+    if rows * row_bytes <= budget or (parts > 1 and (rows // parts) % block[0]):
+        return rows
+    return max(1, budget // (row_bytes * block[0])) * block[0]
+
+
+def dequantized_row_tiles(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: tuple[int, int],
+                          height: int):
+    """``(top, bottom, rows top:bottom of weight dequantized to dtype)`` over ``weight`` ``[rows, cols]``
+    in tiles of ``height`` rows (a multiple of the block height, or all rows)."""
+    for top in range(0, weight.shape[0], height):
+        bottom = min(top + height, weight.shape[0])
+        scales = scale_inv[top // block[0] : -(-bottom // block[0])]
+        yield top, bottom, dequantize_fp8_blockwise(weight[top:bottom], scales, dtype, block)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
                mode: str = "auto", block: tuple[int, int] = BLOCK) -> torch.Tensor:
     """``x @ dequantize(weight).T (+ bias)`` with the weight left in FP8: the scaled FP8 GEMM where the
     hardware has one (``mode`` "auto"/"scaled"), else the weight dequantized for this call only (in x's
-    dtype; float32 compute equals the dequantized-float32 reference). "scaled" without FP8 kernels
-    emulates them: activations through FP8 per 1 x 128 group, then a float32 product."""
+    dtype, by row tiles when it exceeds ``DEQUANTIZE_BUDGET_BYTES``; float32 compute equals the
+    dequantized-float32 reference). "scaled" without FP8 kernels emulates them: activations through FP8
+    per 1 x 128 group, then a float32 product."""
     scaled = uses_scaled_matmul(mode, x.device)
     shape = (*x.shape[:-1], weight.shape[0])
     if scaled and fp8_matmuls_available(x.device) and block == (128, 128) and weight.shape[0] % 128 == 0 \
@@ -183,8 +205,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     inputs = quantize_dequantize_activations(x, block[1]).to(x.dtype) if scaled else x
 
     def product(v: torch.Tensor, transposed: bool) -> torch.Tensor:
-        dense = dequantize_fp8_blockwise(weight, scale_inv, v.dtype, block)
-        return v @ dense if transposed else F.linear(v, dense)
+        tiles = dequantized_row_tiles(weight, scale_inv, v.dtype, block, row_tile_height(weight, v.dtype, block, DEQUANTIZE_BUDGET_BYTES))
+        if not transposed:
+            return torch.cat([F.linear(v, tile) for _, _, tile in tiles], dim=-1)
+        total = None
+        for top, bottom, tile in tiles:  # v @ weight: a sum over the row tiles
+            part = v[..., top:bottom] @ tile
+            total = part if total is None else total.add_(part)
+        return total
 
     output = frozen_product(inputs, product)
     return output if bias is None else output + bias

@@ -13,7 +13,7 @@ import os
 from peft import get_peft_model
 from safetensors.torch import load_file
 
-from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM, experts
+from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM, experts, fp8
 from modeling_deepseek_moe.configuration import DeepseekMoEV3Config
 from modeling_deepseek_moe.experts import ExpertChunk
 from modeling_deepseek_moe.fp8 import (
@@ -231,12 +231,30 @@ def test_experts_over_the_budget_go_by_row_tiles_forward_and_backward(monkeypatc
     (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), columns)
 
     tiles = []
-    real = experts.dequantize_fp8_blockwise
-    monkeypatch.setattr(experts, "dequantize_fp8_blockwise", lambda w, *a: tiles.append(w.shape[0]) or real(w, *a))
+    real = fp8.dequantize_fp8_blockwise
+    monkeypatch.setattr(fp8, "dequantize_fp8_blockwise", lambda w, *a: tiles.append(tuple(w.shape)) or real(w, *a))
     monkeypatch.setattr(experts, "DEQUANTIZE_BUDGET_BYTES", 16 * cols * 4)  # one block row of one expert
     output = experts.fp8_grouped_linear(weight, scale_inv, columns, offsets, 2, "dequantize", block)
     (grad,) = torch.autograd.grad((output * upstream).sum(), columns)
-    assert set(tiles) == {16} and len(tiles) == 2 * 3 * rows // 16  # forward + backward, 3 active experts
+    assert set(tiles) == {(16, cols)} and len(tiles) == 2 * 3 * rows // 16  # forward + backward, 3 active experts
+    assert relative_error(output, expected) < 1e-6 and relative_error(grad, expected_grad) < 1e-6
+
+
+def test_fp8_linear_over_the_budget_goes_by_row_tiles(monkeypatch):
+    block = (16, 16)
+    weight, scale_inv = quantize_fp8_blockwise(torch.randn(72, 40), block)  # last block row partial
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    upstream = torch.randn(3, 5, 72)
+    dense = dequantize_fp8_blockwise(weight, scale_inv, block=block)
+    expected = x @ dense.t()
+    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), x)
+    tiles = []
+    real = fp8.dequantize_fp8_blockwise
+    monkeypatch.setattr(fp8, "dequantize_fp8_blockwise", lambda w, *a: tiles.append(w.shape[0]) or real(w, *a))
+    monkeypatch.setattr(fp8, "DEQUANTIZE_BUDGET_BYTES", 2 * 16 * 40 * 4)  # two block rows
+    output = fp8_linear(x, weight, scale_inv, mode="dequantize", block=block)
+    (grad,) = torch.autograd.grad((output * upstream).sum(), x)
+    assert tiles == [32, 32, 8] * 2  # forward, backward
     assert relative_error(output, expected) < 1e-6 and relative_error(grad, expected_grad) < 1e-6
 
 
