@@ -57,8 +57,16 @@ def routing(tokens, experts=16, top_k=4, seed=1, skip=()):
     return indices, weights
 
 
+# Slices of experts run one after the other (SLICE_BYTES of input columns each): the default (one slice
+# here) and ~12 slots per slice.
+SLICINGS = [None, 12 * 32 * 8]
+
+
 @pytest.mark.parametrize("chunks", [1, 4])
-def test_forward_matches_loop(chunks):
+@pytest.mark.parametrize("slice_bytes", SLICINGS)
+def test_forward_matches_loop(chunks, slice_bytes, monkeypatch):
+    if slice_bytes:
+        monkeypatch.setattr(experts_module, "SLICE_BYTES", slice_bytes)
     experts = random_experts(config(chunks))
     hidden = torch.randn(40, 32, dtype=torch.float64)
     indices, weights = routing(40, skip=(3, 9))  # experts 3 and 9 receive no token
@@ -66,7 +74,10 @@ def test_forward_matches_loop(chunks):
 
 
 @pytest.mark.parametrize("chunks", [1, 4])
-def test_backward_matches_loop(chunks):
+@pytest.mark.parametrize("slice_bytes", SLICINGS)
+def test_backward_matches_loop(chunks, slice_bytes, monkeypatch):
+    if slice_bytes:
+        monkeypatch.setattr(experts_module, "SLICE_BYTES", slice_bytes)
     experts = random_experts(config(chunks))
     hidden = torch.randn(40, 32, dtype=torch.float64, requires_grad=True)
     indices, weights = routing(40, skip=(5,))
@@ -80,6 +91,11 @@ def test_backward_matches_loop(chunks):
     expected = [hidden.grad, weights.grad] + [p.grad for p in experts.parameters()]
     for actual, reference in zip(grads, expected):
         assert relative_error(actual, reference) < 1e-12
+
+
+def test_expert_slices_hold_at_most_the_budget_unless_one_expert_exceeds_it():
+    assert experts_module.expert_slices([3, 0, 4, 2, 9, 1, 0], 7) == [(0, 3), (3, 4), (4, 5), (5, 7)]
+    assert experts_module.expert_slices([0, 0, 0], 7) == [(0, 3)]  # a chunk without tokens: one empty slice
 
 
 def test_loop_fallback_equals_grouped_kernel(monkeypatch):

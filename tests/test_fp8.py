@@ -215,8 +215,11 @@ def test_products_dequantize_a_bounded_batch_of_experts_at_a_time(fp8_checkpoint
         monkeypatch.setattr(experts, "DEQUANTIZE_BUDGET_BYTES", 1)  # one expert per product
         calls.clear()
         batched = model(ids).logits
+        monkeypatch.setattr(experts, "SLICE_BYTES", 10 * 64 * 4)  # slices of ~10 (token, expert) slots
+        sliced = model(ids).logits
     assert used <= 3 * 2 * 16  # at most the 16 experts of each MoE layer (2 + MTP), per projection pair
     assert max(calls) == 1 and torch.allclose(batched, whole, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(sliced, whole, rtol=1e-6, atol=1e-6)
 
 
 def test_experts_over_the_budget_go_by_row_tiles_forward_and_backward(monkeypatch):

@@ -72,7 +72,7 @@ def test_adapters_save_and_load(official_checkpoint, tmp_path):
         assert torch.equal(reloaded(ids).logits, expected)
 
 
-def test_expert_adapter_equals_merged_weight_per_expert(official_checkpoint):
+def test_expert_adapter_equals_merged_weight_per_expert(official_checkpoint, monkeypatch):
     _, model = lora_model(official_checkpoint, "v2", targets=("experts",))
     layer = next(m for m in model.modules() if isinstance(m, ExpertChunkLora))
     base = layer.get_base_layer()
@@ -81,8 +81,11 @@ def test_expert_adapter_equals_merged_weight_per_expert(official_checkpoint):
     weights = torch.rand(40)
     with torch.no_grad():
         adapted = layer(columns, offsets, weights)
+        # A range of experts (a slice of RoutedExperts.forward: experts 3-7, columns 10-27) uses their adapters.
+        adapted_range = layer(columns[:, 10:28], offsets[3:8] - 10, weights[10:28], experts=slice(3, 8))
         deltas = layer.get_delta_weight("default")
         for name, delta in deltas.items():
             base.merge_delta(name, delta)
         merged = base(columns, offsets, weights)
     assert relative_error(adapted, merged) < 1e-5
+    assert relative_error(adapted_range, adapted[:, 10:28]) < 1e-6
