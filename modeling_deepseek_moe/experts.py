@@ -354,16 +354,20 @@ class RoutedExperts(nn.Module):
 
     def run_slices(self, hidden_states: torch.Tensor, slots: ExpertSlots, combined: torch.Tensor) -> None:
         """Sum each slot's expert output into ``combined`` ``[hidden, tokens]``, slice by slice of experts,
-        each on its chunk's device."""
-        max_slots = max(1, SLICE_BYTES // (hidden_states.shape[1] * hidden_states.element_size()))
+        each on its chunk's device. A chunk being trained (its weights or adapters) runs in one slice:
+        autograd gives a slice of a parameter a gradient of the whole parameter's size (measured: fwd+bwd
+        1.9x slower), and PEFT's parametrized weights would be recomputed for every slice."""
+        slice_slots = max(1, SLICE_BYTES // (hidden_states.shape[1] * hidden_states.element_size()))
         counts = slots.per_expert.tolist()
         ends = list(itertools.accumulate(counts))  # slot ranges of each (global) expert
         starts = [0, *ends[:-1]]
         per_chunk = self.num_experts // len(self.chunks)
         for base, chunk in zip(range(0, self.num_experts, per_chunk), self.chunks):
-            device = getattr(chunk, "base_layer", chunk).gate_up_proj.device  # LoRA-wrapped or not
+            # (parameters(), not the weight attributes: PEFT's ParamWrapper computes those on every access)
+            device = next(chunk.parameters()).device
+            trained = torch.is_grad_enabled() and any(p.requires_grad for p in chunk.parameters())
             # A chunk without tokens is one empty slice: its weights still get (zero) gradients.
-            for first, last in expert_slices(counts[base : base + per_chunk], max_slots):
+            for first, last in expert_slices(counts[base : base + per_chunk], len(slots.token) if trained else slice_slots):
                 begin, end = starts[base + first], ends[base + last - 1]
                 token = slots.token[begin:end]
                 offsets = torch.tensor(ends[base + first : base + last], dtype=torch.int32, device=device) - begin
