@@ -89,3 +89,25 @@ def test_expert_adapter_equals_merged_weight_per_expert(official_checkpoint, mon
         merged = base(columns, offsets, weights)
     assert relative_error(adapted, merged) < 1e-5
     assert relative_error(adapted_range, adapted[:, 10:28]) < 1e-6
+
+
+def test_peft_target_parameters_on_the_expert_stacks(official_checkpoint):
+    """PEFT's own route (ParamWrapper around the stacked expert weights) works too, slower and heavier
+    than ExpertChunkLora (benchmarks/bench_lora_memory.py)."""
+    from peft import LoraConfig
+
+    directory, _, _ = official_checkpoint("v3")
+    model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=["gate_up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+        assert relative_error(peft_model(ids).logits, before) > 1e-3  # the adapters act
+    peft_model.train()
+    peft_model(ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if p.requires_grad and "mtp" not in n]  # MTP: no loss here
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
