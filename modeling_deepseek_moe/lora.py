@@ -22,7 +22,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from .experts import ExpertChunk, grouped_linear
+from .experts import ExpertChunk, expert_range, grouped_linear
 from .fp8 import FP8Linear
 
 # Adapters take the base weight's dtype when it is one they can train in (else float32).
@@ -132,7 +132,7 @@ class ExpertChunkLora(nn.Module, LoraLayer):
         for adapter in self.active_adapters:
             if adapter not in factor_a:
                 continue
-            a, b = factor_a[adapter][experts], factor_b[adapter][experts]
+            a, b = expert_range(factor_a[adapter], experts), expert_range(factor_b[adapter], experts)
             x = self.lora_dropout[adapter](inputs).to(a.dtype)
             term = grouped_linear(b, grouped_linear(a, x, offsets), offsets) * self.scaling[adapter]
             total = term if total is None else total + term
