@@ -3,12 +3,13 @@
 Routed experts are stacked tensors (``gate_up_proj [experts, 2 * moe_intermediate, hidden]``,
 ``down_proj [experts, hidden, moe_intermediate]``, the official per-expert ``[out, in]`` matrices stacked),
 split into ``num_expert_chunks`` contiguous chunks so a ``device_map`` can place them apart. The forward
-sorts the (token, expert) assignments by expert once and runs one grouped matrix product per chunk and
-projection: no Python loop over experts, no host sync per expert.
+sorts the (token, expert) assignments by expert once and runs one grouped matrix product per projection
+for each slice of consecutive experts (a whole chunk while it trains): no Python loop over experts, no
+host sync per expert.
 
 With an FP8 ``quantization_config`` the stacked weights stay ``float8_e4m3fn`` with their block scales
 (``gate_up_proj_scale_inv``: the gate's and the up projection's block grids stacked); a product
-dequantizes only the experts that received tokens, a bounded batch of them at a time.
+dequantizes only the experts that received tokens, a bounded batch of them (or rows of one) at a time.
 """
 
 from __future__ import annotations
