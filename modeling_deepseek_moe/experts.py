@@ -14,7 +14,6 @@ dequantizes only the experts that received tokens, a bounded batch of them (or r
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -359,9 +358,9 @@ class RoutedExperts(nn.Module):
         autograd gives a slice of a parameter a gradient of the whole parameter's size (measured: fwd+bwd
         1.9x slower), and PEFT's parametrized weights would be recomputed for every slice."""
         slice_slots = max(1, SLICE_BYTES // (hidden_states.shape[1] * hidden_states.element_size()))
-        counts = slots.per_expert.tolist()
-        ends = list(itertools.accumulate(counts))  # slot ranges of each (global) expert
+        ends = slots.ends  # slot ranges of each (global) expert
         starts = [0, *ends[:-1]]
+        counts = [end - start for start, end in zip(starts, ends)]
         per_chunk = self.num_experts // len(self.chunks)
         for base, chunk in zip(range(0, self.num_experts, per_chunk), self.chunks):
             # (parameters(), not the weight attributes: PEFT's ParamWrapper computes those on every access)
@@ -404,6 +403,7 @@ class ExpertSlots(NamedTuple):
     token: torch.Tensor  # [slots], the token each slot reads and writes back to
     weight: torch.Tensor  # [slots], its mixing weight (0 for padding)
     per_expert: torch.Tensor  # [experts], slots of each expert, padding included
+    ends: list[int]  # the same as cumulative slot counts on the host: where each expert's slots end
 
     @staticmethod
     def of(topk_indices: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> ExpertSlots:
@@ -418,7 +418,8 @@ class ExpertSlots(NamedTuple):
         padded_end = padded.cumsum(0)
         rank_in_expert = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[expert_of_sorted]
         position = (padded_end - padded)[expert_of_sorted] + rank_in_expert
-        total = int(padded_end[-1])  # the layer's one host sync: the buffers' width
+        ends = padded_end.tolist()  # the layer's one host sync: buffer widths and slices
+        total = ends[-1]
         token = torch.zeros(total, dtype=torch.long, device=flat.device).index_put_((position,), order // top_k)
         weight = topk_weights.new_zeros(total).index_put_((position,), topk_weights.reshape(-1)[order])
-        return ExpertSlots(token, weight, padded)
+        return ExpertSlots(token, weight, padded, ends)
