@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedConfig
 
+from .fp8 import FP8_COMPUTE_MODES, SCALE_FORMATS
+
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 # DeepSeek-V2's released configuration class defaults to this misspelling of "greedy".
@@ -155,15 +157,15 @@ class DeepseekMoEConfig(PreTrainedConfig):
         self._validate_routing(fail)
 
     def _validate_quantization(self, fail) -> None:
-        if self.fp8_compute not in ("auto", "dequantize", "scaled"):
-            fail(f"`fp8_compute` must be 'auto', 'dequantize' or 'scaled', got {self.fp8_compute!r}")
+        if self.fp8_compute not in FP8_COMPUTE_MODES:
+            fail(f"`fp8_compute` must be one of {list(FP8_COMPUTE_MODES)}, got {self.fp8_compute!r}")
         quantization = self.quantization_config
         if not quantization:
             return
         if not isinstance(quantization, dict):
             quantization = self.quantization_config = quantization.to_dict()
         expected = {"quant_method": ("fp8",), "fmt": ("e4m3",), "activation_scheme": ("dynamic",),
-                    "scale_fmt": (None, "float", "ue8m0")}
+                    "scale_fmt": (None, *SCALE_FORMATS)}
         for name, allowed in expected.items():
             if quantization.get(name, allowed[0]) not in allowed:
                 fail(f"`quantization_config.{name}` must be one of {list(allowed)} (DeepSeek's block-wise FP8), "
