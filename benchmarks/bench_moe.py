@@ -147,6 +147,7 @@ def main() -> None:
     runs = [run(1024, torch.float32, args.rounds)]
     if not args.quick:
         runs.append(run(16, torch.float32, args.rounds * 4))
+        runs.append(run(64, torch.float32, args.rounds * 2))
         runs.append(run(1024, torch.bfloat16, max(3, args.rounds // 3)))
         runs.append(run_backward(1024, max(3, args.rounds // 3)))
     write_json(args.json, {"benchmark": "bench_moe", "shape": SHAPE, "runs": runs})

@@ -41,7 +41,12 @@ from .fp8 import (
 
 # Input columns (bytes) of one slice of experts run together (see RoutedExperts.forward).
 SLICE_BYTES = 8 * 2**20
-# Width multiple of each expert's column group (grouped GEMMs on CPU measured ~20% slower on odd widths).
+# Width of each expert's column group, padded from its number of assignments (see padded_widths):
+# (largest count, multiple it is padded to) for small groups, a multiple of SLOT_ALIGNMENT beyond.
+# Measured per expert on this project's CPU (MKL, V3-sized experts, benchmarks/RESULTS.md): 2-3 columns
+# cost as much as 4, 5-15 columns more than 16, and wider groups run 5-15% faster per column on a
+# multiple of 8 than on the widths around it.
+SMALL_GROUP_WIDTHS = ((1, 1), (4, 4), (16, 16))
 SLOT_ALIGNMENT = 8
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -395,10 +400,19 @@ def expert_slices(counts: list[int], max_slots: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def padded_widths(counts: torch.Tensor) -> torch.Tensor:
+    """The width of each expert's column group for ``counts`` assignments: the count rounded up to the
+    multiple that the grouped GEMM runs fastest at (``SMALL_GROUP_WIDTHS``, else ``SLOT_ALIGNMENT``)."""
+    multiple = torch.full_like(counts, SLOT_ALIGNMENT)
+    for largest, width_multiple in reversed(SMALL_GROUP_WIDTHS):
+        multiple = torch.where(counts <= largest, width_multiple, multiple)
+    return (counts + multiple - 1) // multiple * multiple
+
+
 class ExpertSlots(NamedTuple):
     """Columns of the experts' feature-major buffers: each expert's assignments together, each group
-    padded to a multiple of ``SLOT_ALIGNMENT`` when the batch is large (odd group widths cost grouped
-    GEMMs ~20% on CPU). Padding slots read token 0 and carry weight 0."""
+    padded to the width the grouped GEMM runs fastest at (:func:`padded_widths`). Padding slots read
+    token 0 and carry weight 0."""
 
     token: torch.Tensor  # [slots], the token each slot reads and writes back to
     weight: torch.Tensor  # [slots], its mixing weight (0 for padding)
@@ -412,9 +426,7 @@ class ExpertSlots(NamedTuple):
         order = flat.argsort(stable=True)
         expert_of_sorted = flat[order]
         counts = torch.bincount(flat, minlength=num_experts)
-        # Padding pays only when groups are wide; decode-sized batches would mostly compute padding.
-        align = SLOT_ALIGNMENT if flat.numel() >= SLOT_ALIGNMENT * num_experts else 1
-        padded = (counts + align - 1) // align * align
+        padded = padded_widths(counts)
         padded_end = padded.cumsum(0)
         rank_in_expert = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[expert_of_sorted]
         position = (padded_end - padded)[expert_of_sorted] + rank_in_expert

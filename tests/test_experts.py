@@ -93,6 +93,33 @@ def test_backward_matches_loop(chunks, slice_bytes, monkeypatch):
         assert relative_error(actual, reference) < 1e-12
 
 
+def test_group_widths_by_count():
+    counts = torch.tensor([0, 1, 2, 4, 5, 9, 16, 17, 30, 96, 97])
+    assert experts_module.padded_widths(counts).tolist() == [0, 1, 4, 4, 16, 16, 16, 24, 32, 96, 104]
+
+
+def test_groups_of_every_width_class_match_the_loop():
+    """Experts given 0, 1, 3, 5, 8, 16, 17, 30 and 40 assignments (every padding rule), forward and
+    gradients against the loop; padding slots carry weight 0."""
+    counts = [0, 1, 3, 5, 8, 16, 17, 30, 40, 40]  # 160 = 40 tokens x top-4; expert e gets counts[e]
+    flat = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    indices = flat.view(4, 40).t().contiguous()  # a run of <= 40 positions never gives a token one expert twice
+    weights = torch.rand(40, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    slots = experts_module.ExpertSlots.of(indices, weights, 16)
+    assert slots.per_expert.tolist()[: len(counts)] == [0, 1, 4, 16, 16, 16, 24, 32, 40, 40]
+    assert (slots.weight != 0).sum() == 160
+    experts = random_experts(config())
+    hidden = torch.randn(40, 32, dtype=torch.float64, requires_grad=True)
+    output = experts(hidden, indices, weights)
+    reference = loop_reference(experts, hidden, indices, weights)
+    assert relative_error(output, reference) < 1e-12
+    upstream = torch.randn(40, 32, dtype=torch.float64)
+    grads = torch.autograd.grad((output * upstream).sum(), [hidden, weights, *experts.parameters()])
+    expected = torch.autograd.grad((reference * upstream).sum(), [hidden, weights, *experts.parameters()])
+    for actual, wanted in zip(grads, expected):
+        assert relative_error(actual, wanted) < 1e-12
+
+
 def test_expert_slices_hold_at_most_the_budget_unless_one_expert_exceeds_it():
     assert experts_module.expert_slices([3, 0, 4, 2, 9, 1, 0], 7) == [(0, 3), (3, 4), (4, 5), (5, 7)]
     assert experts_module.expert_slices([0, 0, 0], 7) == [(0, 3)]  # a chunk without tokens: one empty slice
