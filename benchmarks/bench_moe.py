@@ -146,6 +146,7 @@ def main() -> None:
     print(f"shape: {SHAPE}, torch threads: {torch.get_num_threads()}")
     runs = [run(1024, torch.float32, args.rounds)]
     if not args.quick:
+        runs.append(run(1, torch.float32, args.rounds * 4))
         runs.append(run(16, torch.float32, args.rounds * 4))
         runs.append(run(64, torch.float32, args.rounds * 2))
         runs.append(run(1024, torch.bfloat16, max(3, args.rounds // 3)))

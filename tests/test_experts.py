@@ -62,27 +62,30 @@ def routing(tokens, experts=16, top_k=4, seed=1, skip=()):
 SLICINGS = [None, 12 * 32 * 8]
 
 
+# 40 tokens: wide, padded column groups; 2 tokens: a decode-sized batch (unpadded, mostly one column).
+@pytest.mark.parametrize("tokens", [40, 2])
 @pytest.mark.parametrize("chunks", [1, 4])
 @pytest.mark.parametrize("slice_bytes", SLICINGS)
-def test_forward_matches_loop(chunks, slice_bytes, monkeypatch):
+def test_forward_matches_loop(tokens, chunks, slice_bytes, monkeypatch):
     if slice_bytes:
         monkeypatch.setattr(experts_module, "SLICE_BYTES", slice_bytes)
     experts = random_experts(config(chunks))
-    hidden = torch.randn(40, 32, dtype=torch.float64)
-    indices, weights = routing(40, skip=(3, 9))  # experts 3 and 9 receive no token
+    hidden = torch.randn(tokens, 32, dtype=torch.float64)
+    indices, weights = routing(tokens, skip=(3, 9))  # experts 3 and 9 receive no token
     assert relative_error(experts(hidden, indices, weights), loop_reference(experts, hidden, indices, weights)) < 1e-12
 
 
+@pytest.mark.parametrize("tokens", [40, 2])
 @pytest.mark.parametrize("chunks", [1, 4])
 @pytest.mark.parametrize("slice_bytes", SLICINGS)
-def test_backward_matches_loop(chunks, slice_bytes, monkeypatch):
+def test_backward_matches_loop(tokens, chunks, slice_bytes, monkeypatch):
     if slice_bytes:
         monkeypatch.setattr(experts_module, "SLICE_BYTES", slice_bytes)
     experts = random_experts(config(chunks))
-    hidden = torch.randn(40, 32, dtype=torch.float64, requires_grad=True)
-    indices, weights = routing(40, skip=(5,))
+    hidden = torch.randn(tokens, 32, dtype=torch.float64, requires_grad=True)
+    indices, weights = routing(tokens, skip=(5,))
     weights.requires_grad_(True)
-    upstream = torch.randn(40, 32, dtype=torch.float64)
+    upstream = torch.randn(tokens, 32, dtype=torch.float64)
     (experts(hidden, indices, weights) * upstream).sum().backward()
     grads = [hidden.grad, weights.grad] + [p.grad for p in experts.parameters()]
     for tensor in [hidden, weights, *experts.parameters()]:
@@ -125,10 +128,11 @@ def test_expert_slices_hold_at_most_the_budget_unless_one_expert_exceeds_it():
     assert experts_module.expert_slices([0, 0, 0], 7) == [(0, 3)]  # a chunk without tokens: one empty slice
 
 
-def test_loop_fallback_equals_grouped_kernel(monkeypatch):
+@pytest.mark.parametrize("tokens", [64, 2])
+def test_loop_fallback_equals_grouped_kernel(tokens, monkeypatch):
     experts = random_experts(config(), dtype=torch.float32)
-    hidden = torch.randn(64, 32, requires_grad=True)
-    indices, weights = routing(64)
+    hidden = torch.randn(tokens, 32, requires_grad=True)
+    indices, weights = routing(tokens)
     weights = weights.float()
     grouped = experts(hidden, indices, weights)
     grouped.square().sum().backward()
@@ -152,10 +156,11 @@ def test_inference_mode_matches_training_path():
     assert relative_error(fast, experts(hidden, indices, weights.float())) < 1e-7
 
 
-def test_bfloat16_runs_grouped():
+@pytest.mark.parametrize("tokens", [64, 2])
+def test_bfloat16_runs_grouped(tokens):
     experts = random_experts(config(), dtype=torch.bfloat16)
-    hidden = torch.randn(64, 32, dtype=torch.bfloat16)
-    indices, weights = routing(64)
+    hidden = torch.randn(tokens, 32, dtype=torch.bfloat16)
+    indices, weights = routing(tokens)
     out = experts(hidden, indices, weights.bfloat16())
     reference = loop_reference(experts.double(), hidden.double(), indices, weights)
     assert out.dtype == torch.bfloat16 and relative_error(out, reference) < 2e-2
