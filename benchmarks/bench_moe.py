@@ -64,6 +64,7 @@ def decode_floor_weights(touched_experts: int, dtype: torch.dtype) -> torch.Tens
 
 def run(tokens: int, dtype: torch.dtype, rounds: int) -> dict:
     ours, native, native_config = build_pair(dtype)
+    ours.eval(), native.eval()  # inference: no balance loss, no load statistics for the step
     x = torch.randn(1, tokens, SHAPE["hidden_size"], dtype=dtype)
     with torch.inference_mode():
         routing = ours.gate(x.view(tokens, -1))

@@ -435,9 +435,11 @@ class ExpertSlots(NamedTuple):
         top_k = topk_indices.shape[1]
         flat = topk_indices.reshape(-1)  # [assignments]
         order = flat.argsort(stable=True)
-        expert_of_sorted = flat[order]
         counts = torch.bincount(flat, minlength=num_experts)
-        padded = counts if _few_columns(flat.numel(), num_experts) else padded_widths(counts)
+        if _few_columns(flat.numel(), num_experts):  # unpadded: the slots are the sorted assignments
+            return ExpertSlots(order // top_k, topk_weights.reshape(-1)[order], counts, counts.cumsum(0).tolist())
+        expert_of_sorted = flat[order]
+        padded = padded_widths(counts)
         padded_end = padded.cumsum(0)
         rank_in_expert = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[expert_of_sorted]
         position = (padded_end - padded)[expert_of_sorted] + rank_in_expert
