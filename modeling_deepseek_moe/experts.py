@@ -28,7 +28,6 @@ from .fp8 import (
     DEQUANTIZE_BUDGET_BYTES,
     FP8_DTYPE,
     dequantize_stacked,
-    dequantized_row_tiles,
     fp8_settings,
     frozen_product,
     keep_dtypes_apply,
@@ -36,6 +35,7 @@ from .fp8 import (
     quantize_dequantize_activations,
     quantize_stacked,
     row_tile_height,
+    row_tiled_linear,
     stacked_scale_shape,
 )
 
@@ -291,8 +291,8 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, columns: t
         for experts in batches:
             if tile_rows < weight.shape[1]:  # batches of one expert
                 (expert,) = experts
-                outputs.append(_expert_by_row_tiles(weight[expert], scale_inv[expert], inputs[:, starts[expert] : ends[expert]],
-                                                    transposed, tile_rows, block))
+                rows = inputs[:, starts[expert] : ends[expert]].t()  # feature-major -> rows, and back
+                outputs.append(row_tiled_linear(rows, weight[expert], scale_inv[expert], transposed, tile_rows, block).t())
                 continue
             if experts[-1] - experts[0] == len(experts) - 1:  # consecutive experts: views, no copy
                 chosen = slice(experts[0], experts[-1] + 1)
@@ -308,20 +308,6 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, columns: t
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
     return frozen_product(columns, product)
-
-
-def _expert_by_row_tiles(weight: torch.Tensor, scale_inv: torch.Tensor, inputs: torch.Tensor, transposed: bool,
-                         tile_rows: int, block: tuple[int, int]) -> torch.Tensor:
-    """One FP8 expert ``[rows, cols]`` times feature-major ``inputs``, dequantized ``tile_rows`` rows at a
-    time: ``weight @ inputs`` (output rows tile by tile) or ``weight.T @ inputs`` (a sum over the tiles)."""
-    pieces, total = [], None
-    for top, bottom, tile in dequantized_row_tiles(weight, scale_inv, inputs.dtype, block, tile_rows):
-        if transposed:
-            part = tile.t() @ inputs[top:bottom]
-            total = part if total is None else total.add_(part)
-        else:
-            pieces.append(tile @ inputs)
-    return total if transposed else torch.cat(pieces)
 
 
 class RoutedExperts(nn.Module):

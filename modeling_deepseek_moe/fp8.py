@@ -189,6 +189,20 @@ def dequantized_row_tiles(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: 
         yield top, bottom, dequantize_fp8_blockwise(weight[top:bottom], scales, dtype, block)
 
 
+def row_tiled_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, transposed: bool, height: int,
+                     block: tuple[int, int]) -> torch.Tensor:
+    """``x @ W.T`` (or ``x @ W`` when ``transposed``) for the FP8 ``weight`` ``W`` ``[rows, cols]``, dequantized
+    ``height`` rows at a time (into x's dtype): output columns tile by tile, or a sum over the tiles."""
+    tiles = dequantized_row_tiles(weight, scale_inv, x.dtype, block, height)
+    if not transposed:
+        return torch.cat([F.linear(x, tile) for _, _, tile in tiles], dim=-1)
+    total = None
+    for top, bottom, tile in tiles:
+        part = x[..., top:bottom] @ tile
+        total = part if total is None else total.add_(part)
+    return total
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
                mode: str = "auto", block: tuple[int, int] = BLOCK) -> torch.Tensor:
     """``x @ dequantize(weight).T (+ bias)`` with the weight left in FP8: the scaled FP8 GEMM where the
@@ -205,14 +219,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     inputs = quantize_dequantize_activations(x, block[1]).to(x.dtype) if scaled else x
 
     def product(v: torch.Tensor, transposed: bool) -> torch.Tensor:
-        tiles = dequantized_row_tiles(weight, scale_inv, v.dtype, block, row_tile_height(weight, v.dtype, block, DEQUANTIZE_BUDGET_BYTES))
-        if not transposed:
-            return torch.cat([F.linear(v, tile) for _, _, tile in tiles], dim=-1)
-        total = None
-        for top, bottom, tile in tiles:  # v @ weight: a sum over the row tiles
-            part = v[..., top:bottom] @ tile
-            total = part if total is None else total.add_(part)
-        return total
+        height = row_tile_height(weight, v.dtype, block, DEQUANTIZE_BUDGET_BYTES)
+        return row_tiled_linear(v, weight, scale_inv, transposed, height, block)
 
     output = frozen_product(inputs, product)
     return output if bias is None else output + bias
