@@ -422,8 +422,9 @@ class ExpertSlots(NamedTuple):
         flat = topk_indices.reshape(-1)  # [assignments]
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=num_experts)
+        sorted_token, sorted_weight = order // top_k, topk_weights.reshape(-1)[order]
         if _few_columns(flat.numel(), num_experts):  # unpadded: the slots are the sorted assignments
-            return ExpertSlots(order // top_k, topk_weights.reshape(-1)[order], counts, counts.cumsum(0).tolist())
+            return ExpertSlots(sorted_token, sorted_weight, counts, counts.cumsum(0).tolist())
         expert_of_sorted = flat[order]
         padded = padded_widths(counts)
         padded_end = padded.cumsum(0)
@@ -431,6 +432,6 @@ class ExpertSlots(NamedTuple):
         position = (padded_end - padded)[expert_of_sorted] + rank_in_expert
         ends = padded_end.tolist()  # the layer's one host sync: buffer widths and slices
         total = ends[-1]
-        token = torch.zeros(total, dtype=torch.long, device=flat.device).index_put_((position,), order // top_k)
-        weight = topk_weights.new_zeros(total).index_put_((position,), topk_weights.reshape(-1)[order])
+        token = torch.zeros(total, dtype=torch.long, device=flat.device).index_put_((position,), sorted_token)
+        weight = topk_weights.new_zeros(total).index_put_((position,), sorted_weight)
         return ExpertSlots(token, weight, padded, ends)
