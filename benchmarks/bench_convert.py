@@ -30,7 +30,8 @@ LORA_RANK = 8
 def build_source(directory: str) -> None:
     """Write the bf16 checkpoint shard by shard (never the whole model in memory) and a LoRA adapter."""
     import torch
-    from modeling_deepseek_moe.checkpoint import official_tensor_shapes, write_safetensors
+    from modeling_deepseek_moe.layout import official_tensor_shapes
+    from modeling_deepseek_moe.safetensors_io import write_safetensors
     from modeling_deepseek_moe.synthetic import tiny_official_config
 
     config = tiny_official_config("v3", **CONFIG)

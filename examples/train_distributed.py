@@ -51,7 +51,7 @@ def main() -> None:
     model = DeepseekMoEV3ForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, device_map=str(device), bias_update_speed=0.01,
         ep_size=args.ep_size)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     fully_shard_model(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
 

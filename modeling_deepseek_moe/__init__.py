@@ -12,7 +12,7 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .checkpoint import CheckpointError
+from .safetensors_io import CheckpointError
 from .configuration import DeepseekMoEConfig, DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config
 from .modeling import (
     DeepseekMoEForCausalLM,

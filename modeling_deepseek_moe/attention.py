@@ -13,12 +13,12 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers.models.llama.modeling_llama import LlamaAttention, eager_attention_forward
 
 from .configuration import DeepseekMoEConfig
-from .fp8 import FP8Linear, projection
+from .fp8 import FP8Linear, fp8_settings, projection
 from .norm import RMSNorm
-from .rope import apply_rotary, apply_rotary_interleaved, softmax_scale
+from .rope import apply_rotary_interleaved, softmax_scale
 
 
 # Decoding steps of at most this many new tokens attend in the latent space (mla_absorb="decode").
@@ -29,54 +29,17 @@ def attention_function(config: DeepseekMoEConfig) -> Callable:
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
 
 
-class MultiHeadAttention(nn.Module):
-    """DeepSeekMoE (V1) attention: q/k/v/o projections, ``rotate_half`` RoPE on whole heads."""
+class MultiHeadAttention(LlamaAttention):
+    """DeepSeekMoE (V1) attention: transformers' Llama attention (``rotate_half`` RoPE on whole heads), with
+    DeepSeek's softmax scale and projections that stay FP8 under an FP8 ``quantization_config``."""
 
     def __init__(self, config: DeepseekMoEConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.head_dim = config.head_dim
+        super().__init__(config, layer_idx)
         self.scaling = softmax_scale(config, self.head_dim)
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
-        bias = config.attention_bias
-        self.q_proj = projection(config, config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = projection(config, config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.v_proj = projection(config, config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = projection(config, self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch, seq = hidden_states.shape[:-1]
-        shape = (batch, seq, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [batch, heads, seq, head_dim]
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-        output, weights = attention_function(self.config)(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        return self.o_proj(output.reshape(batch, seq, -1).contiguous()), weights
+        if fp8_settings(config) is not None:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                linear = getattr(self, name)
+                setattr(self, name, projection(config, linear.in_features, linear.out_features, linear.bias is not None))
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -150,11 +113,15 @@ class MultiHeadLatentAttention(nn.Module):
         latent: torch.Tensor,
         key_rope: torch.Tensor,
         attention_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+        query_positions: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention over the cached latent without expanding it (DeepSeek's ``attn_impl="absorb"``):
         ``kv_b_proj``'s key part is folded into the queries, its value part applied after attending.
         ``query_*`` ``[batch, heads, new, dim]``, ``latent`` ``[batch, 1, total, kv_lora_rank]``, ``key_rope``
-        ``[batch, 1, total, rope]`` -> ``[batch, new, heads * v_head_dim]``."""
+        ``[batch, 1, total, rope]`` -> ``[batch, new, heads * v_head_dim]`` and the attention map
+        ``[batch, heads, new, total]`` (what the expanded form's eager attention returns).
+        ``query_positions`` ``[batch or 1, new]`` place the queries in the cache where no mask says it (sdpa's
+        causal shortcut; a pre-allocated static cache holds slots beyond them)."""
         batch, _, new, _ = query_nope.shape
         total = latent.shape[2]
         weight = self.kv_b_proj.weight
@@ -165,9 +132,12 @@ class MultiHeadLatentAttention(nn.Module):
         query_latent = torch.einsum("bhsd,hdc->bhsc", query_nope, key_weight)  # [batch, heads, new, kv_lora_rank]
         scores = query_latent @ latent.transpose(-1, -2) + query_rope @ key_rope.transpose(-1, -2)
         scores = scores.float() * self.scaling  # [batch, heads, new, total]
-        if attention_mask is None:  # sdpa's "causal" shortcut: the new tokens are the last `new` positions
-            causal = torch.ones(new, total, dtype=torch.bool, device=scores.device).tril(total - new)
-            scores = scores.masked_fill(~causal, float("-inf"))
+        if attention_mask is None:  # sdpa's causal shortcut (no padding): slot k is visible from position >= k
+            if query_positions is None:  # the new tokens are the last `new` slots
+                query_positions = torch.arange(total - new, total, device=scores.device)[None]
+            slots = torch.arange(total, device=scores.device)
+            visible = slots[None, None, :] <= query_positions.to(scores.device)[:, :, None]  # [batch or 1, new, total]
+            scores = scores.masked_fill(~visible[:, None], float("-inf"))
         elif attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask[..., :total], float("-inf"))
         else:
@@ -175,16 +145,18 @@ class MultiHeadLatentAttention(nn.Module):
         probabilities = scores.softmax(dim=-1).to(latent.dtype)
         context = probabilities @ latent  # [batch, heads, new, kv_lora_rank]
         output = torch.einsum("bhsc,hvc->bshv", context, value_weight)
-        return output.reshape(batch, new, self.num_heads * self.v_head_dim)
+        return output.reshape(batch, new, self.num_heads * self.v_head_dim), probabilities
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[batch, seq, hidden]`` -> output ``[batch, seq, hidden]`` and the attention map (or None where
+        the attention backend computes none, e.g. sdpa)."""
         batch, seq = hidden_states.shape[:-1]
         query = self.project_queries(hidden_states)
         query_nope, query_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
@@ -198,12 +170,14 @@ class MultiHeadLatentAttention(nn.Module):
         cos, sin = position_embeddings
         query_rope = apply_rotary_interleaved(query_rope, cos, sin)
         key_rope = apply_rotary_interleaved(key_rope, cos, sin)
-        if past_key_values is not None:
-            latent, key_rope = past_key_values.update(latent, key_rope, self.layer_idx)
+        if cache is not None:
+            latent, key_rope = cache.update(latent, key_rope, self.layer_idx)
 
         if self.absorbs(seq, latent.shape[2]):
-            output = self.absorbed_attention(query_nope, query_rope, latent, key_rope, attention_mask)
-            return self.o_proj(output), None
+            output, weights = self.absorbed_attention(
+                query_nope, query_rope, latent, key_rope, attention_mask, kwargs.get("position_ids")
+            )
+            return self.o_proj(output), weights
         key, value = self.expand_latent(latent, key_rope)
         query = torch.cat((query_nope, query_rope), dim=-1)
         output, weights = attention_function(self.config)(

@@ -26,23 +26,20 @@ from functools import cached_property
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (
-    OFFICIAL_MODEL_TYPES,
+from .layout import OFFICIAL_MODEL_TYPES, OfficialLayout, official_tensor_shapes
+from .safetensors_io import (
     SAFE_WEIGHTS_INDEX_NAME,
     CheckpointError,
-    auto_map,
-    OfficialLayout,
+    SafetensorsReader,
+    SafetensorsWriter,
     checkpoint_files,
     create_safetensors,
     data_offsets,
-    official_tensor_shapes,
-    SafetensorsReader,
-    SafetensorsWriter,
     header_bytes_for,
-    remote_code_files,
     safetensors_header,
     write_tensor,
 )
+from .saving import auto_map, remote_code_files
 from .configuration import DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config
 from .fp8 import (
     FP8_DTYPE,

@@ -31,16 +31,13 @@ class DeepseekMoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
+        # (positional: transformers' attention modules name the cache `cache` from 5.24, `past_key_values` before)
         hidden_states, _ = self.self_attn(
-            self.input_layernorm(hidden_states),
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            **kwargs,
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, **kwargs
         )
         # `.to(...)`: a device_map may place the attention, the MLP and the residual stream apart.
         hidden_states = residual + hidden_states.to(residual.device)
@@ -66,10 +63,11 @@ class MultiTokenPredictionLayer(DeepseekMoEDecoderLayer):
         next_token_embeds: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """``hidden_states`` of tokens t and ``next_token_embeds`` of tokens t+1, both ``[batch, seq, hidden]``
         -> normalised hidden states ``[batch, seq, hidden]`` to feed the shared output head."""
         merged = self.eh_proj(torch.cat((self.enorm(next_token_embeds), self.hnorm(hidden_states)), dim=-1))
-        merged = super().forward(merged, position_embeddings, attention_mask, **kwargs)
+        merged = super().forward(merged, position_embeddings, attention_mask, cache, **kwargs)
         return self.shared_head.norm(merged)

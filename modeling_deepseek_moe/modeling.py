@@ -2,7 +2,7 @@
 
 The three families share every class here; they differ only through their config (attention type,
 router semantics) and the thin ``DeepseekMoEV{1,2,3}*`` subclasses at the bottom that bind a config class.
-Checkpoints are read and written in DeepSeek's official layout by :mod:`.checkpoint`.
+Checkpoints are read (:mod:`.loading`) and written (:mod:`.saving`) in DeepSeek's official layout.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .checkpoint import load_official_checkpoint, save_official_checkpoint
+from .attention import MultiHeadAttention, MultiHeadLatentAttention
+from .loading import load_pretrained
+from .saving import save_official_checkpoint
+from .compat import CACHE_NAME, cache_argument, output_cache, with_cache
 from .configuration import DeepseekMoEConfig, DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config
 from .decoder import DeepseekMoEDecoderLayer, MultiTokenPredictionLayer
 from .experts import ExpertChunk
@@ -41,7 +44,7 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
     # The smallest units a device_map may place: a decoder layer can be split (its residual adds and the
     # MoE block move tensors where needed), so a layer's expert chunks can live apart from its attention.
     _no_split_modules = ["MultiHeadAttention", "MultiHeadLatentAttention", "DenseMLP", "TopKRouter", "ExpertChunk", "RMSNorm"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -50,15 +53,19 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     _can_record_outputs = {
         "hidden_states": DeepseekMoEDecoderLayer,
-        "attentions": OutputRecorder(nn.Module, index=1, layer_name="self_attn"),
+        # one [batch, heads, queries, keys] map per decoder layer (MTP layers run outside the recording)
+        "attentions": [OutputRecorder(MultiHeadAttention, index=1), OutputRecorder(MultiHeadLatentAttention, index=1)],
         "router_logits": OutputRecorder(TopKRouter, index=0),
     }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        """transformers' initialisation plus this package's modules. Tensors that loading filled carry
+        ``_is_hf_initialized`` and are left as they are (``transformers.initialization`` skips them too)."""
         std = self.config.initializer_range
         if isinstance(module, FP8Linear):  # random values, quantized (FP8 tensors have no normal_)
-            module.set_weight(torch.randn(module.weight.shape, device=module.weight.device) * std)
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                module.set_weight(torch.randn(module.weight.shape, device=module.weight.device) * std)
             if module.bias is not None:
                 init.zeros_(module.bias)
             return
@@ -67,10 +74,13 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.e_score_correction_bias is not None:
                 init.zeros_(module.e_score_correction_bias)
+            for name in module.LOAD_COUNTERS:
+                init.zeros_(getattr(module, name))
         elif isinstance(module, ExpertChunk):
             for name in module.PARTS:
                 weight = getattr(module, name)
-                module.set_weights(name, torch.randn(weight.shape, device=weight.device) * std)
+                if not getattr(weight, "_is_hf_initialized", False):
+                    module.set_weights(name, torch.randn(weight.shape, device=weight.device) * std)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
 
@@ -81,12 +91,14 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
     ) -> DeepseekMoEPreTrainedModel:
         """Load a checkpoint in DeepSeek's official layout (per-expert tensors, sharded safetensors).
 
-        Accepts the usual ``config``, ``dtype``/``torch_dtype``, ``device_map``, ``max_memory``,
-        ``attn_implementation``, ``revision``, ``token`` and config overrides as keyword arguments.
-        Every parameter must come from the checkpoint: a missing, unexpected or misshapen tensor is an
-        error naming it.
+        transformers' contract: ``config``, ``state_dict`` (with ``None`` as the path), ``dtype`` (default
+        ``"auto"``: the checkpoint's), ``device_map``, ``max_memory``, ``attn_implementation``,
+        ``output_loading_info``, ``ignore_mismatched_sizes``, ``subfolder``, ``revision``, ``token`` and
+        config overrides as keyword arguments. Every backbone tensor must come from the checkpoint: a
+        missing, unexpected or misshapen one is a :class:`CheckpointError` naming it; task heads are
+        initialised fresh (see :mod:`.loading`).
         """
-        return load_official_checkpoint(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(
         self,
@@ -128,42 +140,40 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
+        """``cache`` (``past_key_values`` before transformers 5.24: either name works) holds the attention
+        cache; the output carries it under the installed release's name."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        cache = cache_argument(cache, past_key_values)
         if self.training:
             track_optimizer_steps(self)  # V3 bias updates and router statistics after optimizer steps
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
             hidden_states = layer(
                 hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=causal_mask,
-                past_key_values=past_key_values,
+                position_embeddings,
+                causal_mask,
+                cache,
                 position_ids=position_ids,
                 **kwargs,
             )
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **with_cache(cache))
 
     def router_statistics(self) -> dict[str, dict]:
         """Per MoE layer: tokens per expert and MaxVio, of the last forward and the last optimizer step."""
@@ -197,23 +207,26 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
 
     base_model_class = DeepseekMoEModel
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> DeepseekMoECausalLMOutput:
+        """transformers' causal-LM contract; ``cache`` or (before 5.24) ``past_key_values`` holds the cache."""
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -238,12 +251,11 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
             aux_loss=aux_loss,
             mtp_loss=multi_token_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            **with_cache(output_cache(outputs)),
         )
-
 
     def generate_with_mtp(
         self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None

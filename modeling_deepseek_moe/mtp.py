@@ -27,13 +27,9 @@ def run_mtp_module(
     (with the cached ones in front when ``cache`` is given)."""
     layer = model.mtp[depth]
     embeds = model.embed_tokens(next_token_ids)
-    mask = create_causal_mask(
-        config=model.config, inputs_embeds=embeds, attention_mask=attention_mask,
-        past_key_values=cache, position_ids=position_ids,
-    )
+    mask = create_causal_mask(model.config, embeds, attention_mask, cache, position_ids)
     position_embeddings = model.rotary_emb(embeds, position_ids)
-    return layer(previous_hidden, embeds, position_embeddings, attention_mask=mask, past_key_values=cache,
-                 position_ids=position_ids)
+    return layer(previous_hidden, embeds, position_embeddings, mask, cache, position_ids=position_ids)
 
 
 def mtp_loss(causal_lm, hidden_states: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -73,7 +69,7 @@ def speculative_generate(causal_lm, input_ids: torch.Tensor, max_new_tokens: int
     if not len(model.mtp):
         raise ValueError("this model has no MTP module (num_nextn_predict_layers = 0)")
     cache, mtp_cache = DynamicCache(config=causal_lm.config), DynamicCache()
-    out = model(input_ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids, cache=cache, use_cache=True)
     hidden = out.last_hidden_state  # [1, prompt, hidden]
     token = causal_lm.lm_head(hidden[:, -1:]).argmax(-1)  # [1, 1], certain
     generated = [token]
@@ -83,7 +79,7 @@ def speculative_generate(causal_lm, input_ids: torch.Tensor, max_new_tokens: int
     drafted = accepted = 0
     main_forwards = 1
     while sum(t.shape[1] for t in generated) < max_new_tokens and int(token) != eos_token_id:
-        step = model(torch.cat((token, draft), dim=1), past_key_values=cache, use_cache=True,
+        step = model(torch.cat((token, draft), dim=1), cache=cache, use_cache=True,
                      position_ids=torch.tensor([[position, position + 1]], device=input_ids.device))
         main_forwards += 1
         predictions = causal_lm.lm_head(step.last_hidden_state).argmax(-1)  # [1, 2]

@@ -169,7 +169,7 @@ def _key(device) -> str:
 def _bytes(value: int | str) -> int:
     if isinstance(value, int):
         return value
-    from .checkpoint import parse_size
+    from .safetensors_io import parse_size
 
     return parse_size(value)
 

@@ -28,6 +28,9 @@ class RouterOutput(NamedTuple):
 class TopKRouter(nn.Module):
     """Scores every token against every routed expert and picks ``num_experts_per_tok`` of them."""
 
+    # Router statistics (float32 buffers, not saved), see training.py.
+    LOAD_COUNTERS = ("last_forward_load", "step_load", "last_step_load")
+
     def __init__(self, config: DeepseekMoEConfig) -> None:
         super().__init__()
         self.num_experts = config.n_routed_experts
@@ -49,7 +52,7 @@ class TopKRouter(nn.Module):
             self.e_score_correction_bias = None
         # Router statistics (not saved): tokens per expert in the last forward, accumulated over the
         # current optimizer step (training forwards only), and over the last finished step.
-        for name in ("last_forward_load", "step_load", "last_step_load"):
+        for name in self.LOAD_COUNTERS:
             self.register_buffer(name, torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
 
     def _apply(self, fn, recurse: bool = True):
@@ -84,11 +87,6 @@ class TopKRouter(nn.Module):
             topk_weights = topk_weights * self.routed_scaling_factor
         self.record_load(topk_indices)
         return RouterOutput(logits, scores, topk_indices, topk_weights)
-
-    def reset_buffers(self, device: torch.device) -> None:
-        """Zero the load counters on ``device`` (after the model was built on the meta device)."""
-        for name in ("last_forward_load", "step_load", "last_step_load"):
-            setattr(self, name, torch.zeros(self.num_experts, dtype=torch.float32, device=device))
 
     @torch.no_grad()
     def record_load(self, topk_indices: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import official_tensor_shapes
+from .layout import official_tensor_shapes
 from .fp8 import FP8_QUANTIZATION_CONFIG, quantize_tensors
 
 # Small configs in DeepSeek's own schema, one per released family.

@@ -13,7 +13,7 @@ from peft import get_peft_model
 from safetensors import safe_open
 
 from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, conversion
-from modeling_deepseek_moe.checkpoint import CheckpointError
+from modeling_deepseek_moe.safetensors_io import CheckpointError
 from modeling_deepseek_moe.conversion import main, mp_file, verify
 from modeling_deepseek_moe.fp8 import FP8_DTYPE, FP8_QUANTIZATION_CONFIG, QUANTIZED_KEY, SCALE_SUFFIX
 from modeling_deepseek_moe.lora import lora_config

@@ -31,7 +31,7 @@ def load(directory, checkpointing: bool, **overrides) -> DeepseekMoEV3ForCausalL
     model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.float32, bias_update_speed=0.01,
                                                      num_nextn_predict_layers=0, num_expert_chunks=2, **overrides)
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model
 
 

@@ -90,8 +90,6 @@ def block(config):
     moe = MoEBlock(config)
     for param in moe.parameters():
         param.data.normal_(0, 0.3)
-    for router in [moe.gate]:
-        router.reset_buffers(torch.device("cpu"))
     return moe.train()
 
 

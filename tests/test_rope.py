@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from modeling_deepseek_moe import DeepseekMoEV2Config, DeepseekMoEV3Config
-from modeling_deepseek_moe.rope import RotaryEmbedding, apply_rotary, apply_rotary_interleaved, softmax_scale
+from transformers.models.llama.modeling_llama import rotate_half
+
+from modeling_deepseek_moe.rope import RotaryEmbedding, apply_rotary_interleaved, softmax_scale
 
 
 def deepseek_yarn(dim, base, factor, original_max, beta_fast, beta_slow, mscale, mscale_all_dim, positions):
@@ -64,4 +66,5 @@ def test_interleaved_rotation_equals_deinterleave_then_rotate_half():
     angles = torch.randn(2, 5, 4)
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
     deinterleaved = x.view(2, 3, 5, 4, 2).transpose(-1, -2).reshape(2, 3, 5, 8)  # DeepSeek's HF code
-    torch.testing.assert_close(apply_rotary_interleaved(x, cos, sin), apply_rotary(deinterleaved, cos, sin))
+    llama_rotated = deinterleaved * cos[:, None] + rotate_half(deinterleaved) * sin[:, None]
+    torch.testing.assert_close(apply_rotary_interleaved(x, cos, sin), llama_rotated)
