@@ -38,7 +38,8 @@ class DeepseekMoEConfig(PreTrainedConfig):
             (DeepSeek's ``attn_impl="absorb"``): "decode" (default: for steps of at most
             ``MLA_ABSORB_MAX_QUERY`` new tokens over a cache, in inference), "always" or "never".
         mtp_loss_weight: V3's multi-token-prediction loss weight lambda (0.3 early in the paper, then 0.1);
-            0 leaves the MTP modules out of training.
+            0 leaves the MTP modules out of training: their parameters are built frozen (they still load,
+            save and draft tokens), so no trainable parameter goes without a gradient (DDP).
         fp8_compute: with an FP8 ``quantization_config``, how quantized weights multiply: "auto" (FP8
             GEMMs with activations quantized per 1 x 128 group for projections where the GPU has them,
             compute capability >= 8.9; "dequantize" for the rest), "dequantize" (each weight dequantized

@@ -24,6 +24,7 @@ from transformers.activations import ACT2FN
 
 from .configuration import DeepseekMoEConfig
 from .distributed import ExpertParallel, scale_gradient
+from .routing import tokens_per_expert
 from .fp8 import (
     DEQUANTIZE_BUDGET_BYTES,
     FP8_DTYPE,
@@ -147,6 +148,66 @@ class _GroupedMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_columns = _grouped_product(weight.transpose(1, 2), grad, offsets)
         return grad_weight, grad_columns, None
+
+
+def _grouped_rows_eager(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if rows.shape[0] == 0:
+        return rows.new_zeros(0, weight.shape[1])
+    if not _grouped_mm_supported(weight, rows):
+        return _looped_group_mm(weight, rows.t(), offsets).t()
+    return _GROUPED_MM(_aligned_for_cpu(rows), weight.transpose(1, 2), offs=offsets)
+
+
+def _grouped_rows_backward(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                           grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad = grad.contiguous()
+    grad_rows = _grouped_rows_eager(grad, weight.transpose(1, 2).contiguous(), offsets)
+    if rows.shape[0] == 0:
+        return grad_rows, torch.zeros_like(weight)
+    if _grouped_mm_supported(weight, rows):  # "2d x 2d": one [out, in] product per group of rows
+        grad_weight = _GROUPED_MM(_aligned_for_cpu(grad.t()), _aligned_for_cpu(rows), offs=offsets)
+    else:
+        grad_weight = _looped_weight_grad(grad.t(), rows.t(), offsets, weight.shape[0])
+    return grad_rows, grad_weight
+
+
+# An opaque operator for compile and export: torch's grouped_mm has meta kernels for bfloat16 only, and the
+# loop fallback needs its offsets on the host. Inside the operator both run eagerly; the compiler sees one
+# node with a known output shape (transformers' MoE integration does the same).
+torch.library.custom_op("deepseek_moe::grouped_rows", _grouped_rows_eager, mutates_args=(),
+                        schema="(Tensor rows, Tensor weight, Tensor offsets) -> Tensor")
+torch.library.custom_op("deepseek_moe::grouped_rows_backward", _grouped_rows_backward, mutates_args=(),
+                        schema="(Tensor rows, Tensor weight, Tensor offsets, Tensor grad) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake("deepseek_moe::grouped_rows")
+def _grouped_rows_shape(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], weight.shape[1])
+
+
+@torch.library.register_fake("deepseek_moe::grouped_rows_backward")
+def _grouped_rows_backward_shape(rows, weight, offsets, grad) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(rows), torch.empty_like(weight)
+
+
+def _grouped_rows_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_rows_autograd(ctx, grad: torch.Tensor):
+    rows, weight, offsets = ctx.saved_tensors
+    grad_rows, grad_weight = torch.ops.deepseek_moe.grouped_rows_backward(rows, weight, offsets, grad)
+    return grad_rows, grad_weight, None
+
+
+torch.library.register_autograd("deepseek_moe::grouped_rows", _grouped_rows_autograd, setup_context=_grouped_rows_setup)
+
+
+def grouped_rows(weight: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per-group linear layer in token-major layout: rows ``offsets[g-1]:offsets[g]`` of ``rows`` ``[n, in]``
+    through ``weight[g]`` ``[out, in]`` -> ``[n, out]`` (grouped_mm's "2d x 3d" form), differentiable, one
+    operator node for compile and export; the offsets stay on the device."""
+    return torch.ops.deepseek_moe.grouped_rows(rows, weight, offsets)
 
 
 def grouped_linear(weight: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -342,6 +403,8 @@ class RoutedExperts(nn.Module):
         (whole-batch buffers came back as fresh pages on every call: 7-9% of the block with glibc's
         default settings).
         """
+        if torch.compiler.is_compiling() and self.runs_without_host_sync():
+            return self.run_token_major(hidden_states, topk_indices, topk_weights)
         slots = ExpertSlots.of(topk_indices, topk_weights, self.num_experts)
         combined = hidden_states.new_zeros(hidden_states.shape[1], hidden_states.shape[0])  # [hidden, tokens]
         if self.expert_parallel is not None:
@@ -353,6 +416,30 @@ class RoutedExperts(nn.Module):
             self.run_slices(hidden_states, slots, combined)
         # One blocked transpose (.contiguous()) costs less than a strided read in every later use.
         return combined.t().contiguous()
+
+    def runs_without_host_sync(self) -> bool:
+        """Whether :meth:`run_token_major` serves this layer: one chunk of plain (not FP8, not
+        adapter-wrapped) stacked weights, all on one device, no expert parallelism."""
+        return self.expert_parallel is None and len(self.chunks) == 1 and type(self.chunks[0]) is ExpertChunk \
+            and self.chunks[0].fp8 is None
+
+    def run_token_major(
+        self, hidden_states: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The routed mixture with no host sync and shapes that do not depend on the routing, as
+        ``torch.compile`` and ``torch.export`` need: one row per assignment (``tokens * top_k``, unpadded),
+        grouped by expert with device-side offsets, ``rows @ weight[e].T`` per group."""
+        chunk = self.chunks[0]
+        top_k = topk_indices.shape[1]
+        order = topk_indices.reshape(-1).argsort(stable=True)  # [assignments], grouped by expert
+        token = order // top_k
+        offsets = tokens_per_expert(topk_indices, self.num_experts).cumsum(0).to(torch.int32)
+        rows = hidden_states.index_select(0, token)  # [assignments, hidden]
+        gate_up = grouped_rows(chunk.gate_up_proj, rows, offsets)  # [assignments, 2 * intermediate]
+        gate, up = gate_up.chunk(2, dim=-1)
+        weights = topk_weights.reshape(-1)[order].to(gate_up.dtype)[:, None]
+        outputs = grouped_rows(chunk.down_proj, chunk.act_fn(gate) * up * weights, offsets)  # [assignments, hidden]
+        return hidden_states.new_zeros(hidden_states.shape).index_add_(0, token, outputs.to(hidden_states.dtype))
 
     def run_slices(self, hidden_states: torch.Tensor, slots: ExpertSlots, combined: torch.Tensor) -> None:
         """Sum each slot's expert output into ``combined`` ``[hidden, tokens]``, slice by slice of experts,
@@ -421,7 +508,7 @@ class ExpertSlots(NamedTuple):
         top_k = topk_indices.shape[1]
         flat = topk_indices.reshape(-1)  # [assignments]
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=num_experts)
+        counts = tokens_per_expert(flat, num_experts)
         sorted_token, sorted_weight = order // top_k, topk_weights.reshape(-1)[order]
         if _few_columns(flat.numel(), num_experts):  # unpadded: the slots are the sorted assignments
             return ExpertSlots(sorted_token, sorted_weight, counts, counts.cumsum(0).tolist())

@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .routing import tokens_per_expert
+
 
 def expert_load_fractions(topk_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """``f_i = N / (K T) * count_i`` per sequence: ``topk_indices`` ``[batch, T, K]`` -> ``[batch, N]``."""
@@ -72,7 +74,7 @@ def capacity_keep_mask(
     by_affinity = torch.argsort(flat_weights, descending=True, stable=True)
     order = by_affinity[torch.argsort(flat_experts[by_affinity], stable=True)]
     sorted_experts = flat_experts[order]
-    counts = torch.bincount(flat_experts, minlength=num_experts)
+    counts = tokens_per_expert(flat_experts, num_experts)
     rank = torch.arange(flat_experts.numel(), device=flat_experts.device) - (counts.cumsum(0) - counts)[sorted_experts]
     keep = torch.empty_like(flat_experts, dtype=torch.bool)
     keep[order] = rank < capacity

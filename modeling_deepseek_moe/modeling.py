@@ -49,7 +49,7 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # compile and export take the sync-free expert path (experts.py)
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     _can_record_outputs = {
         "hidden_states": DeepseekMoEDecoderLayer,
@@ -130,6 +130,11 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
         self.mtp = nn.ModuleList(
             MultiTokenPredictionLayer(config, depth) for depth in range(config.num_nextn_predict_layers)
         )
+        # Without the MTP loss nothing reaches the MTP modules' weights: frozen, so that DDP (without
+        # find_unused_parameters) and gradient checkpointing see no trainable parameter without a gradient.
+        # They still load, save and draft tokens (generate_with_mtp).
+        if not config.mtp_loss_weight:
+            self.mtp.requires_grad_(False)
         self.gradient_checkpointing = False
         self.post_init()
 

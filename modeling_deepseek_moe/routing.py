@@ -18,6 +18,13 @@ from .configuration import DeepseekMoEConfig
 from .fp8 import keep_dtypes_apply
 
 
+def tokens_per_expert(topk_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[num_experts]`` int64 counts of the assignments ``topk_indices`` ``[tokens, top_k]``. (A scatter-add,
+    not ``bincount``, whose output size depends on the values: compile and export need a static shape.)"""
+    flat = topk_indices.reshape(-1)
+    return flat.new_zeros(num_experts).index_add_(0, flat, torch.ones_like(flat))
+
+
 class RouterOutput(NamedTuple):
     logits: torch.Tensor  # [tokens, experts], the gate's raw output
     scores: torch.Tensor  # [tokens, experts], softmax or sigmoid of the logits
@@ -92,8 +99,8 @@ class TopKRouter(nn.Module):
     def record_load(self, topk_indices: torch.Tensor) -> None:
         """Count tokens per expert; in training also add them to the step's load, except when gradient
         checkpointing recomputes this forward inside the backward pass (it would count them twice)."""
-        load = torch.bincount(topk_indices.reshape(-1), minlength=self.num_experts).float()
-        self.last_forward_load = load.to(self.last_forward_load.device)
+        load = tokens_per_expert(topk_indices, self.num_experts).float()
+        self.last_forward_load.copy_(load)
         if self.training and torch._C._current_graph_task_id() == -1:
             self.step_load += load.to(self.step_load.device)
 
