@@ -25,6 +25,7 @@ from transformers import DeepseekV3ForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import write_json  # noqa: E402
 
+from modeling_deepseek_moe.compat import output_cache, with_cache
 from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM  # noqa: E402
 from modeling_deepseek_moe.synthetic import tiny_official_config, write_official_checkpoint  # noqa: E402
 
@@ -40,10 +41,10 @@ def decode_steps(model, prompt, steps: int) -> tuple[float, int]:
     """Prefill ``prompt`` once, then time ``steps`` single-token greedy steps; returns (seconds, cache bytes/token)."""
     with torch.no_grad():
         out = model(prompt, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(steps):
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, use_cache=True, **with_cache(cache))  # native classes too: the release's name
             token = out.logits[:, -1:].argmax(-1)
         elapsed = time.perf_counter() - start
     tokens = prompt.shape[1] + steps

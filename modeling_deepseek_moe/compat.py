@@ -9,21 +9,34 @@ release that moves something changes this file only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeModelOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 # The name of the cache in transformers' model outputs and in what `generate` passes to `forward`.
 CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The cache a ``forward`` was given, under the current name (``cache``) or the earlier one
-    (``past_key_values``); both are accepted on every release of the range, without a warning."""
-    if cache is not None and past_key_values is not None and cache is not past_key_values:
-        raise ValueError("pass the cache once: `cache` and `past_key_values` name the same argument")
-    return cache if cache is not None else past_key_values
+def accepts_both_cache_names(forward: Callable) -> Callable:
+    """Decorate a ``forward`` whose cache parameter is ``cache``. From transformers 5.24 a caller's
+    ``past_key_values`` goes through transformers' own deprecation (renamed, with the FutureWarning its
+    models give); before 5.24 ``past_key_values`` is the current name and is renamed silently."""
+    if CACHE_NAME == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @wraps(forward)
+    def renamed(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            if kwargs.get("cache") is not None:
+                raise ValueError("pass the cache once: `cache` and `past_key_values` name the same argument")
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        return forward(*args, **kwargs)
+
+    return renamed
 
 
 def with_cache(cache: Cache | None) -> dict[str, Any]:

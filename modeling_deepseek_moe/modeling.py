@@ -25,7 +25,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .attention import MultiHeadAttention, MultiHeadLatentAttention
 from .loading import load_pretrained
 from .saving import save_official_checkpoint
-from .compat import CACHE_NAME, cache_argument, output_cache, with_cache
+from .compat import CACHE_NAME, accepts_both_cache_names, output_cache, with_cache
 from .configuration import DeepseekMoEConfig, DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config
 from .decoder import DeepseekMoEDecoderLayer, MultiTokenPredictionLayer
 from .experts import ExpertChunk
@@ -138,6 +138,7 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @accepts_both_cache_names
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -148,14 +149,12 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
         """``cache`` (``past_key_values`` before transformers 5.24: either name works) holds the attention
         cache; the output carries it under the installed release's name."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        cache = cache_argument(cache, past_key_values)
         if self.training:
             track_optimizer_steps(self)  # V3 bias updates and router statistics after optimizer steps
         if inputs_embeds is None:
@@ -212,6 +211,7 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
 
     base_model_class = DeepseekMoEModel
 
+    @accepts_both_cache_names
     @can_return_tuple
     def forward(
         self,
@@ -223,7 +223,6 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> DeepseekMoECausalLMOutput:
         """transformers' causal-LM contract; ``cache`` or (before 5.24) ``past_key_values`` holds the cache."""
@@ -231,7 +230,7 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache_argument(cache, past_key_values),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from modeling_deepseek_moe.compat import output_cache
 from modeling_deepseek_moe import DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
 
 from conftest import relative_error
@@ -39,10 +40,10 @@ def test_absorbed_prefill_and_multi_token_steps_equal_expanded(official_checkpoi
     ids = torch.randint(0, 256, (2, 14), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert relative_error(always(ids).logits, never(ids).logits) < 1e-5
-        cache_a = always(ids[:, :10], use_cache=True).past_key_values
-        cache_n = never(ids[:, :10], use_cache=True).past_key_values
-        step_a = always(ids[:, 10:], past_key_values=cache_a).logits  # 4 new tokens over a cache
-        step_n = never(ids[:, 10:], past_key_values=cache_n).logits
+        cache_a = output_cache(always(ids[:, :10], use_cache=True))
+        cache_n = output_cache(never(ids[:, :10], use_cache=True))
+        step_a = always(ids[:, 10:], cache=cache_a).logits  # 4 new tokens over a cache
+        step_n = never(ids[:, 10:], cache=cache_n).logits
     assert relative_error(step_a, step_n) < 1e-5
 
 

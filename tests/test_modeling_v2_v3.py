@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 
+from modeling_deepseek_moe.compat import output_cache
 from modeling_deepseek_moe import DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
 
 from conftest import relative_error
@@ -90,7 +91,7 @@ def test_mla_cache_holds_the_compressed_latent(official_checkpoint):
     directory, config, _ = official_checkpoint("v3")
     model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.float32)
     ids = torch.randint(0, 256, (2, 9))
-    cache = model(ids, use_cache=True).past_key_values
+    cache = output_cache(model(ids, use_cache=True))
     for layer in range(config["num_hidden_layers"]):
         latent, rope = cache.layers[layer].keys, cache.layers[layer].values
         assert latent.shape == (2, 1, 9, config["kv_lora_rank"])
@@ -104,9 +105,9 @@ def test_incremental_decoding_equals_full_forward(official_checkpoint):
     with torch.no_grad():
         full = model(ids).logits
         prefix = model(ids[:, :8], use_cache=True)
-        cache, steps = prefix.past_key_values, [prefix.logits]
+        cache, steps = output_cache(prefix), [prefix.logits]
         for position in range(8, 12):
-            out = model(ids[:, position : position + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, position : position + 1], cache=cache, use_cache=True)
+            cache = output_cache(out)
             steps.append(out.logits)
     assert relative_error(torch.cat(steps, dim=1), full) < 1e-5
