@@ -128,3 +128,31 @@ def test_expert_parallel_forward_and_backward_equal_one_process(tmp_path, offici
 def test_expert_parallel_needs_a_process_group(official_checkpoint):
     with pytest.raises(ValueError, match=r"`ep_size` \(2\) needs torch.distributed initialised"):
         DeepseekMoEV3ForCausalLM.from_pretrained(official_checkpoint("v3")[0], ep_size=2)
+
+
+def _ddp_rank(rank: int, world: int, port: int, directory: str, result: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # V3's default config: an MTP module (num_nextn_predict_layers=1) and no MTP loss. DDP without
+    # find_unused_parameters fails at the second step if any trainable parameter received no gradient.
+    model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    assert len(model.model.mtp) == 1
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1)
+    rows = IDS.shape[0] // world
+    ids = IDS[rank * rows : (rank + 1) * rows]
+    for _ in range(3):
+        ddp(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.save(model.lm_head.weight.detach(), f"{result}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ddp_trains_v3_with_its_default_mtp_module_without_find_unused_parameters(tmp_path, official_checkpoint):
+    directory, _, _ = official_checkpoint("v3")
+    result = str(tmp_path / "head")
+    spawn_ranks(_ddp_rank, 2, str(directory), result)
+    assert torch.equal(torch.load(f"{result}.0"), torch.load(f"{result}.1"))  # the replicas stayed in step
