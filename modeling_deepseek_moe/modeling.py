@@ -50,7 +50,6 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # compile and export take the sync-free expert path (experts.py)
-    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     _can_record_outputs = {
         "hidden_states": DeepseekMoEDecoderLayer,
         # one [batch, heads, queries, keys] map per decoder layer (MTP layers run outside the recording)
@@ -274,7 +273,7 @@ class DeepseekMoEV1Model(DeepseekMoEModel):
     config_class = DeepseekMoEV1Config
 
 
-class DeepseekMoEV1ForCausalLM(DeepseekMoEForCausalLM):
+class DeepseekMoEV1ForCausalLM(DeepseekMoEForCausalLM, GenerationMixin):
     config_class = DeepseekMoEV1Config
     base_model_class = DeepseekMoEV1Model
 
@@ -287,7 +286,7 @@ class DeepseekMoEV2Model(DeepseekMoEModel):
     config_class = DeepseekMoEV2Config
 
 
-class DeepseekMoEV2ForCausalLM(DeepseekMoEForCausalLM):
+class DeepseekMoEV2ForCausalLM(DeepseekMoEForCausalLM, GenerationMixin):
     config_class = DeepseekMoEV2Config
     base_model_class = DeepseekMoEV2Model
 
@@ -298,12 +297,15 @@ class DeepseekMoEV2ForSequenceClassification(GenericForSequenceClassification, D
 
 class DeepseekMoEV3Model(DeepseekMoEModel):
     config_class = DeepseekMoEV3Config
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
 
 
-class DeepseekMoEV3ForCausalLM(DeepseekMoEForCausalLM):
+class DeepseekMoEV3ForCausalLM(DeepseekMoEForCausalLM, GenerationMixin):
     config_class = DeepseekMoEV3Config
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     base_model_class = DeepseekMoEV3Model
 
 
 class DeepseekMoEV3ForSequenceClassification(GenericForSequenceClassification, DeepseekMoEPreTrainedModel):
     config_class = DeepseekMoEV3Config
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]

@@ -14,10 +14,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from transformers import PreTrainedModel, set_seed
+from transformers.utils import logging as transformers_logging
+
 from modeling_deepseek_moe import (
     CheckpointError,
+    DeepseekMoEV1ForCausalLM,
     DeepseekMoEV2ForCausalLM,
+    DeepseekMoEV3Config,
     DeepseekMoEV3ForCausalLM,
+    DeepseekMoEV3ForSequenceClassification,
     DeepseekMoEV3Model,
 )
 
@@ -145,6 +151,140 @@ def test_base_model_loads_from_causal_lm_checkpoint(official_checkpoint):
     ids = torch.randint(0, 256, (1, 6))
     with torch.no_grad():
         assert torch.equal(base(ids).last_hidden_state, full.model(ids).last_hidden_state)
+
+
+# ---------------------------------------------------------------------- transformers' loading contract
+class LoadReport:
+    """Collects transformers' load report (the logger its own loading writes to)."""
+
+    def __enter__(self):
+        self.messages = []
+        self.logger = transformers_logging.get_logger("transformers.modeling_utils")
+        self.handler = type("Handler", (__import__("logging").Handler,), {"emit": lambda h, r: self.messages.append(r.getMessage())})()
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.messages)
+
+
+def test_loading_info_of_a_complete_checkpoint_is_empty(official_checkpoint):
+    directory, _, _ = official_checkpoint("v3")
+    model, info = DeepseekMoEV3ForCausalLM.from_pretrained(directory, output_loading_info=True)
+    assert isinstance(model, DeepseekMoEV3ForCausalLM)
+    assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
+
+
+def test_classifier_from_a_causal_lm_checkpoint_initialises_only_its_head(official_checkpoint):
+    directory, _, _ = official_checkpoint("v3")
+    causal_lm = DeepseekMoEV3ForCausalLM.from_pretrained(directory)
+    with LoadReport() as report:
+        classifier, info = DeepseekMoEV3ForSequenceClassification.from_pretrained(
+            directory, num_labels=3, pad_token_id=0, output_loading_info=True)
+    assert info["missing_keys"] == {"score.weight"} and info["unexpected_keys"] == {"lm_head.weight"}
+    assert "score.weight" in report.text and "MISSING" in report.text  # transformers' usual report
+    assert 0 < classifier.score.weight.std() < 0.1  # initialised by _init_weights (initializer_range 0.02)
+    ids = torch.randint(3, 256, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(classifier.model(ids).last_hidden_state, causal_lm.model(ids).last_hidden_state)
+        assert classifier(ids).logits.shape == (2, 3)
+
+
+def test_base_model_and_causal_lm_load_each_others_checkpoints(official_checkpoint, tmp_path):
+    directory, _, _ = official_checkpoint("v1")
+    base = DeepseekMoEV3Model.from_pretrained(official_checkpoint("v3")[0])
+    base.save_pretrained(tmp_path / "base")
+    causal_lm, info = DeepseekMoEV3ForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert info["missing_keys"] == {"lm_head.weight"}  # a head: initialised, reported
+    ids = torch.randint(3, 256, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(causal_lm.model(ids).last_hidden_state, base(ids).last_hidden_state)
+    v1 = DeepseekMoEV1ForCausalLM.from_pretrained(directory)
+    assert torch.equal(type(v1.model).from_pretrained(directory).layers[1].mlp.gate.weight, v1.model.layers[1].mlp.gate.weight)
+
+
+@pytest.mark.parametrize("bare_base_model", [False, True])
+def test_from_state_dict_without_a_folder(official_checkpoint, bare_base_model):
+    directory, _, official = official_checkpoint("v3")
+    model = DeepseekMoEV3ForCausalLM.from_pretrained(directory)
+    ids = torch.randint(3, 256, (1, 6))
+    if bare_base_model:  # this package's parameter names, without the `model.` prefix
+        loaded = DeepseekMoEV3Model.from_pretrained(None, config=model.config, state_dict=model.model.state_dict())
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).last_hidden_state, model.model(ids).last_hidden_state)
+        return
+    for state in (model.state_dict(), official):  # this package's names, and DeepSeek's
+        loaded = DeepseekMoEV3ForCausalLM.from_pretrained(None, config=model.config, state_dict=state)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, model(ids).logits)
+    partial = {k: v for k, v in official.items() if "layers.2.self_attn.o_proj" not in k}
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.self_attn\.o_proj\.weight"):
+        DeepseekMoEV3ForCausalLM.from_pretrained(None, config=model.config, state_dict=partial)
+
+
+def test_ignore_mismatched_sizes_reinitialises_what_differs(official_checkpoint, tmp_path):
+    directory, _, _ = official_checkpoint("v3")
+    DeepseekMoEV3ForSequenceClassification.from_pretrained(directory, num_labels=3).save_pretrained(tmp_path / "cls")
+    with pytest.raises(RuntimeError, match="score.weight"):  # a CheckpointError, as transformers' RuntimeError
+        DeepseekMoEV3ForSequenceClassification.from_pretrained(tmp_path / "cls", num_labels=5)
+    with LoadReport() as report:
+        model, info = DeepseekMoEV3ForSequenceClassification.from_pretrained(
+            tmp_path / "cls", num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert info["mismatched_keys"] == {("score.weight", (3, 64), (5, 64))}
+    assert "Reinit due to size mismatch" in report.text
+    assert model.score.weight.shape == (5, 64) and model.score.weight.abs().max() > 0
+
+
+def test_init_weights_covers_every_tensor(monkeypatch):
+    """What transformers' test_can_init_all_missing_weights checks, without loading: a model built on the
+    meta device, given storage and initialised by transformers' initialize_weights equals the model built
+    directly, every parameter and buffer (RoPE frequencies and router counters included)."""
+    original = PreTrainedModel._initialize_weights
+
+    def seeded(*args, **kwargs):
+        set_seed(42)
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "_initialize_weights", seeded)
+    config = DeepseekMoEV3Config(vocab_size=99, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                 num_hidden_layers=2, num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                                 n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+                                 qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
+    for model_class in (DeepseekMoEV3ForCausalLM, DeepseekMoEV3ForSequenceClassification):
+        built = model_class(config)
+        with torch.device("meta"):
+            empty = model_class(config)
+        empty.to_empty(device="cpu")
+        for tensor in [*empty.parameters(), *empty.buffers()]:
+            tensor.data.fill_(7.0) if tensor.dtype != torch.float8_e4m3fn else None  # garbage, visibly
+        empty.initialize_weights()
+        expected = {**dict(built.named_parameters()), **dict(built.named_buffers())}
+        actual = {**dict(empty.named_parameters()), **dict(empty.named_buffers())}
+        assert sorted(actual) == sorted(expected)
+        different = [name for name in expected if not torch.equal(actual[name], expected[name])]
+        assert not different, different
+
+
+def test_loading_under_a_meta_device_is_refused_as_transformers_does(official_checkpoint):
+    directory, _, _ = official_checkpoint("v3")
+    with torch.device("meta"), pytest.raises(RuntimeError, match="meta device context manager"):
+        DeepseekMoEV3ForCausalLM.from_pretrained(directory)
+
+
+def test_a_path_that_is_neither_folder_nor_hub_id_is_said_so(tmp_path):
+    with pytest.raises(OSError, match="is not a folder, and not a Hub repository id"):
+        DeepseekMoEV3ForCausalLM.from_pretrained(str(tmp_path / "no" / "such" / "folder"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_cuda_device_map_without_cuda_is_said_so(official_checkpoint):
+    directory, _, _ = official_checkpoint("v3")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        DeepseekMoEV3ForCausalLM.from_pretrained(directory, device_map="cuda:0")
 
 
 def test_mtp_can_be_dropped(official_checkpoint):
