@@ -26,7 +26,7 @@ from functools import cached_property
 import torch
 from tqdm.auto import tqdm
 
-from .layout import OFFICIAL_MODEL_TYPES, OfficialLayout, official_tensor_shapes
+from .layout import OFFICIAL_MODEL_TYPES, OfficialLayout, official_architecture, official_tensor_shapes
 from .safetensors_io import (
     SAFE_WEIGHTS_INDEX_NAME,
     CheckpointError,
@@ -54,7 +54,6 @@ from .fp8 import (
 
 CONFIG_CLASSES = {c.model_type: c for c in (DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config)}
 OFFICIAL_TO_OURS = {official: ours for ours, official in OFFICIAL_MODEL_TYPES.items()}
-OFFICIAL_ARCHITECTURES = {"deepseek": "DeepseekForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 # Files of a model folder that are not weights: copied as they are.
 EXTRA_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|.*\.model|.*\.tiktoken|README\.md|LICENSE.*)")
 JOURNAL = ".conversion.json"
@@ -300,14 +299,14 @@ def to_our_config(config: dict, **changes) -> dict:
         raise CheckpointError(f"config.json: {error}") from error
     family = config_class.__name__.removeprefix("DeepseekMoE").removesuffix("Config")
     return {**config, "model_type": model_type, "auto_map": auto_map(config_class),
-            "architectures": [f"DeepseekMoE{family}ForCausalLM"]}
+            "architectures": [official_architecture(f"DeepseekMoE{family}ForCausalLM")]}
 
 
 def to_official_config(config: dict, **changes) -> dict:
     """This package's config.json -> DeepSeek's schema: DeepSeek's model_type and architecture, RoPE as
     ``rope_theta`` + ``rope_scaling``, this package's own fields dropped."""
     official_type = OFFICIAL_MODEL_TYPES.get(config["model_type"], config["model_type"])
-    if official_type not in OFFICIAL_ARCHITECTURES:
+    if official_type not in OFFICIAL_TO_OURS:
         raise CheckpointError(f"config.json: model_type {config['model_type']!r} is not a DeepSeek MoE family")
     official = {k: v for k, v in config.items() if k not in PACKAGE_ONLY_FIELDS}
     rope = dict(config.get("rope_parameters") or {})
@@ -318,7 +317,8 @@ def to_official_config(config: dict, **changes) -> dict:
         official["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
     if "dtype" in config and "torch_dtype" not in official:
         official["torch_dtype"] = str(config["dtype"]).removeprefix("torch.")
-    official.update(model_type=official_type, architectures=[OFFICIAL_ARCHITECTURES[official_type]])
+    family = CONFIG_CLASSES[OFFICIAL_TO_OURS[official_type]].__name__.removesuffix("Config")
+    official.update(model_type=official_type, architectures=[official_architecture(f"{family}ForCausalLM")])
     return _apply(official, changes)
 
 

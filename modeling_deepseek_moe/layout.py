@@ -19,6 +19,18 @@ import torch
 
 # DeepSeek's own model_type for each of this package's families: config.json in either schema loads.
 OFFICIAL_MODEL_TYPES = {"deepseek_moe_v1": "deepseek", "deepseek_moe_v2": "deepseek_v2", "deepseek_moe_v3": "deepseek_v3"}
+_FAMILY_CLASS = re.compile(r"^DeepseekMoEV(?P<version>[123])(?P<head>\w*)$")
+
+
+def official_architecture(class_name: str) -> str:
+    """DeepSeek's name for one of this package's model classes (``DeepseekMoEV3ForCausalLM`` ->
+    ``DeepseekV3ForCausalLM``, ``DeepseekMoEV1ForCausalLM`` -> ``DeepseekForCausalLM``): what config.json's
+    ``architectures`` says, which serving engines (llama.cpp's converter, vLLM, SGLang) dispatch on."""
+    match = _FAMILY_CLASS.match(class_name)
+    if match is None:
+        raise ValueError(f"{class_name!r} is not a DeepseekMoEV1/V2/V3 model class")
+    version = "" if match["version"] == "1" else f"V{match['version']}"
+    return f"Deepseek{version}{match['head']}"
 
 EXPERT_KEY = re.compile(
     r"^(?P<prefix>model\.(?:layers|mtp)\.\d+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.(?P<kind>weight|weight_scale_inv)$"

@@ -12,7 +12,7 @@ import tempfile
 
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .layout import OfficialLayout
+from .layout import OfficialLayout, official_architecture
 from .safetensors_io import write_weights
 
 
@@ -55,7 +55,7 @@ def save_official_checkpoint(model, save_directory: str | os.PathLike, state_dic
     try:
         written = write_weights(staging, tensors, max_shard_size)
         config = model.config
-        config.architectures = [type(model).__name__]
+        config.architectures = [official_architecture(type(model).__name__)]  # engines read DeepSeek's name
         config.auto_map = auto_map(type(config))
         config.dtype = model.dtype
         config.save_pretrained(staging)

@@ -84,7 +84,7 @@ def test_saved_folder_names_our_model_type_and_ships_the_code(official_checkpoin
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert config["model_type"] == "deepseek_moe_v3"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling.DeepseekMoEV3ForCausalLM"
-    assert config["architectures"] == ["DeepseekMoEV3ForCausalLM"]
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"]  # DeepSeek's name: serving engines dispatch on it
     for file in ("modeling.py", "configuration.py", "attention.py", "routing.py", "experts.py", "loading.py", "layout.py"):
         assert (tmp_path / "saved" / file).is_file(), file
     assert not [name for name in os.listdir(tmp_path / "saved") if name.startswith(".saving-")]
