@@ -23,11 +23,11 @@ from transformers import Trainer, TrainingArguments
 
 import modeling_deepseek_moe  # noqa: F401
 from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
-from modeling_deepseek_moe.synthetic import tiny_official_config, write_official_checkpoint
+from modeling_deepseek_moe.synthetic import CORPUS, tiny_official_config, write_official_checkpoint
 from modeling_deepseek_moe.training import RouterStatsCallback, routers
 
 CLASSES = {"v1": DeepseekMoEV1ForCausalLM, "v2": DeepseekMoEV2ForCausalLM, "v3": DeepseekMoEV3ForCausalLM}
-TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "moe_notes.txt")
+TEXT = CORPUS  # the package's small English text about these models
 
 
 class ByteChunks(torch.utils.data.Dataset):
