@@ -4,6 +4,7 @@ with (llama.cpp's own converter and runtime, where llama-cpp-python is installed
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -73,3 +74,19 @@ def test_saved_config_names_deepseeks_architecture_and_keeps_ours(official_check
     assert config["model_type"] == "deepseek_moe_v1"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling.DeepseekMoEV1ForCausalLM"
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")).__name__ == "DeepseekMoEV1ForCausalLM"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("sentencepiece") is None,
+                    reason='needs the llama-cpp extra: pip install -e ".[llama-cpp]" (builds llama.cpp)')
+def test_llama_cpp_converts_and_runs_what_we_save(tmp_path):
+    """llama.cpp's own converter reads a folder saved by save_pretrained as DeepSeek's model (config.json
+    names DeepSeek's architecture), and llama.cpp's runtime gives our logits and greedy tokens, for each
+    family and for FP8 weights."""
+    figures = tmp_path / "interop.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "serve_with_llama_cpp.py"),
+                          "--cases", "v1", "v2", "v3", "v3 fp8", "--json", str(figures)],
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for row in json.loads(figures.read_text())["results"]:
+        assert row["logits_relative_error"] < 1e-5, row
+        assert row["same_greedy_tokens"], row
