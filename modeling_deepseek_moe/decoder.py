@@ -10,7 +10,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import MultiHeadAttention, MultiHeadLatentAttention
 from .configuration import DeepseekMoEConfig
-from .experts import DenseMLP
+from .mlp import DenseMLP
 from .moe import MoEBlock
 from .routing import RouterOutput
 from .norm import RMSNorm

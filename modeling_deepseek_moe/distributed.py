@@ -83,8 +83,8 @@ class ExpertParallel:
         return cls(cls._meshes[key], config.n_routed_experts)
 
     def run(self, chunk: nn.Module, rows: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
-        """``rows`` ``[slots, hidden]`` grouped by (global) expert with ``per_expert`` ``[E]`` rows each ->
-        each row through its expert, ``[slots, hidden]`` in the same order (unweighted)."""
+        """``rows`` ``[n, hidden]`` grouped by (global) expert with ``per_expert`` ``[E]`` rows each ->
+        each row through its expert, ``[n, hidden]`` in the same order (unweighted)."""
         import torch.distributed as dist
         # The autograd-aware all-to-all torchtitan uses (torch.distributed.nn's is deprecated).
         from torch.distributed._functional_collectives import all_to_all_single_autograd
@@ -101,7 +101,7 @@ class ExpertParallel:
         order = expert_of_row.argsort(stable=True)
         offsets = received.sum(0).cumsum(0).to(torch.int32)
         ones = rows.new_ones(order.numel())
-        computed = chunk(incoming.index_select(0, order).t(), offsets, ones).t()  # [incoming, hidden]
+        computed = chunk(incoming.index_select(0, order), offsets, ones)  # [incoming, hidden]
         back = torch.empty_like(computed).index_copy(0, order, computed)  # source order again
         return all_to_all_single_autograd(back, send_sizes, receive_sizes, group)
 

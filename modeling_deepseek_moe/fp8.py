@@ -1,8 +1,10 @@
-"""DeepSeek-V3's block-wise FP8 weight format.
+"""DeepSeek-V3's block-wise FP8 weights: the format and every product that reads it.
 
 A quantized weight ``[..., out, in]`` is stored as ``float8_e4m3fn`` with ``weight_scale_inv`` float32
 ``[..., ceil(out / 128), ceil(in / 128)]``; ``dequantized = fp8 * scale_inv`` per 128 x 128 block, edge
-blocks partial. ``scale_fmt="ue8m0"`` (DeepSeek-V3.1) rounds every scale up to a power of two.
+blocks partial. ``scale_fmt="ue8m0"`` (DeepSeek-V3.1) rounds every scale up to a power of two. Products:
+:class:`FP8Linear` (attention and dense projections, FP8 GEMMs where the GPU has them) and
+:func:`fp8_grouped_linear` (stacked routed experts), both dequantizing by bounded tiles elsewhere.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fixed_dtypes import keep_dtypes_apply
+from .grouped_mm import columns_product
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -279,22 +284,50 @@ class FP8Linear(nn.Linear):
         return f"{super().extra_repr()}, fp8 blocks={self.block}, mode={self.mode}"
 
 
-def keep_dtypes_apply(module: nn.Module, apply, fn, recurse: bool, names: tuple[str, ...]) -> nn.Module:
-    """``module._apply`` (``apply``: the parent class's) that moves the tensors ``names`` between devices
-    like the others but never changes their dtype: ``.to(torch.bfloat16)`` must not turn FP8 weights or
-    float32 scales and router statistics into bf16."""
-    # detach(): a view of the current storage (``_apply`` swaps a parameter's ``.data`` in place).
-    kept = {name: tensor.detach() for name in names if (tensor := getattr(module, name, None)) is not None and not tensor.is_meta}
-    apply(fn, recurse)
-    for name, original in kept.items():
-        now = getattr(module, name)
-        if now.dtype != original.dtype:
-            moved = original.to(now.device)
-            if name in module._parameters:
-                module._parameters[name] = nn.Parameter(moved, requires_grad=now.requires_grad)
+def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
+                       parts: int, mode: str, block: tuple[int, int]) -> torch.Tensor:
+    """:func:`.grouped_mm.grouped_linear` with FP8 stacked weights ``[experts, out, in]`` (frozen) and their
+    scales (``parts`` row blocks quantized apart): rows ``[n, in]`` -> ``[n, out]``. Only the experts with
+    rows are dequantized (in the rows' dtype), at most ``DEQUANTIZE_BUDGET_BYTES`` of them at a time, in the
+    forward and again in the backward (autograd keeps no dequantized copy); ``mode`` "scaled" first sends
+    the activations through FP8 in 1 x 128 groups (DeepSeek's inference numerics). There is no grouped FP8
+    kernel here yet, so "auto" dequantizes on every device (emulating would only add work). The products
+    run feature-major (``[in, n]`` columns), the CPU's fast form."""
+    if mode == "scaled":
+        rows = quantize_dequantize_activations(rows, block[1]).to(rows.dtype)
+    columns = rows.t()
+    ends = offsets.tolist()
+    starts = [0, *ends[:-1]]
+    active = [expert for expert, (start, end) in enumerate(zip(starts, ends)) if end > start]
+    per_batch = max(1, DEQUANTIZE_BUDGET_BYTES // (weight[0].numel() * columns.element_size()))
+    batches = [active[first : first + per_batch] for first in range(0, len(active), per_batch)]
+    # An expert over the budget (DeepSeek-V3's gate/up: 117 MB in float32) goes by row tiles.
+    tile_rows = row_tile_height(weight, columns.dtype, block, DEQUANTIZE_BUDGET_BYTES, parts)
+
+    def product(inputs: torch.Tensor, transposed: bool) -> torch.Tensor:
+        if not batches:
+            return inputs.new_zeros(weight.shape[2 if transposed else 1], inputs.shape[1])
+        outputs = []
+        for experts in batches:
+            if tile_rows < weight.shape[1]:  # batches of one expert
+                (expert,) = experts
+                rows = inputs[:, starts[expert] : ends[expert]].t()  # feature-major -> rows, and back
+                outputs.append(row_tiled_linear(rows, weight[expert], scale_inv[expert], transposed, tile_rows, block).t())
+                continue
+            if experts[-1] - experts[0] == len(experts) - 1:  # consecutive experts: views, no copy
+                chosen = slice(experts[0], experts[-1] + 1)
+                stack, scales = weight[chosen], scale_inv[chosen]
             else:
-                module._buffers[name] = moved
-    return module
+                index = torch.tensor(experts, device=weight.device)
+                stack, scales = weight.index_select(0, index), scale_inv.index_select(0, index)
+            dense = dequantize_stacked(stack, scales, parts, inputs.dtype, block)
+            begin = starts[experts[0]]
+            local_offsets = torch.tensor([ends[e] - begin for e in experts], dtype=torch.int32, device=inputs.device)
+            outputs.append(columns_product(dense.transpose(1, 2) if transposed else dense,
+                                           inputs[:, begin : ends[experts[-1]]], local_offsets))
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+    return frozen_product(columns, product).t()
 
 
 def stacked_scale_shape(experts: int, rows: int, cols: int, parts: int, block: tuple[int, int] = BLOCK) -> tuple[int, int, int]:

@@ -22,7 +22,8 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from .experts import ExpertChunk, expert_range, grouped_linear
+from .experts import ExpertChunk, expert_range
+from .grouped_mm import grouped_linear
 from .fp8 import FP8Linear
 
 # Adapters take the base weight's dtype when it is one they can train in (else float32).
@@ -123,26 +124,26 @@ class ExpertChunkLora(nn.Module, LoraLayer):
             factor_b[adapter_name] = nn.Parameter(torch.zeros(experts, out_features, r, device=weight.device, dtype=dtype))
         self.set_adapter(self.active_adapters)
 
-    def delta(self, projection: str, inputs: torch.Tensor, offsets: torch.Tensor,
+    def delta(self, projection: str, rows: torch.Tensor, offsets: torch.Tensor,
               experts: slice = slice(None)) -> torch.Tensor | None:
-        """Sum over active adapters of ``scaling * B_e (A_e x)`` for each column x of expert e (of the
-        range ``experts``)."""
+        """Sum over active adapters of ``scaling * B_e (A_e x)`` for each row x of expert e (of the range
+        ``experts``), ``[n, out]``."""
         total = None
         factor_a, factor_b = self.factors(projection)
         for adapter in self.active_adapters:
             if adapter not in factor_a:
                 continue
             a, b = expert_range(factor_a[adapter], experts), expert_range(factor_b[adapter], experts)
-            x = self.lora_dropout[adapter](inputs).to(a.dtype)
+            x = self.lora_dropout[adapter](rows).to(a.dtype)
             term = grouped_linear(b, grouped_linear(a, x, offsets), offsets) * self.scaling[adapter]
             total = term if total is None else total + term
         return total
 
-    def forward(self, columns: torch.Tensor, offsets: torch.Tensor, column_weights: torch.Tensor,
+    def forward(self, rows: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor,
                 experts: slice = slice(None)) -> torch.Tensor:
         if self.disable_adapters or self.merged:
-            return self.base_layer(columns, offsets, column_weights, experts)
-        return self.base_layer(columns, offsets, column_weights, experts, delta=self.delta)
+            return self.base_layer(rows, offsets, row_weights, experts)
+        return self.base_layer(rows, offsets, row_weights, experts, delta=self.delta)
 
     def get_delta_weight(self, adapter: str) -> dict[str, torch.Tensor]:
         """``{projection: scaling * B @ A}``, ``[experts, out, in]`` each (used to merge)."""

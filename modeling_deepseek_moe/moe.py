@@ -11,7 +11,8 @@ from torch import nn
 
 from .load_balancing import capacity_keep_mask
 from .configuration import DeepseekMoEConfig
-from .experts import DenseMLP, RoutedExperts
+from .experts import RoutedExperts
+from .mlp import DenseMLP
 from .routing import RouterOutput, TopKRouter
 
 

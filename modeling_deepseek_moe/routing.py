@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration import DeepseekMoEConfig
-from .fp8 import keep_dtypes_apply
+from .fixed_dtypes import keep_dtypes_apply
 
 
 def tokens_per_expert(topk_indices: torch.Tensor, num_experts: int) -> torch.Tensor:

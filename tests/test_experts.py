@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from modeling_deepseek_moe import DeepseekMoEV3Config
-from modeling_deepseek_moe import experts as experts_module
-from modeling_deepseek_moe.experts import RoutedExperts, _looped_group_mm, grouped_linear
+from modeling_deepseek_moe import dispatch, grouped_mm
+from modeling_deepseek_moe.experts import RoutedExperts
+from modeling_deepseek_moe.grouped_mm import _looped_group_mm, grouped_linear
 
 from conftest import relative_error
 
@@ -68,7 +69,7 @@ SLICINGS = [None, 12 * 32 * 8]
 @pytest.mark.parametrize("slice_bytes", SLICINGS)
 def test_forward_matches_loop(tokens, chunks, slice_bytes, monkeypatch):
     if slice_bytes:
-        monkeypatch.setattr(experts_module, "SLICE_BYTES", slice_bytes)
+        monkeypatch.setattr(dispatch, "SLICE_BYTES", slice_bytes)
     experts = random_experts(config(chunks))
     hidden = torch.randn(tokens, 32, dtype=torch.float64)
     indices, weights = routing(tokens, skip=(3, 9))  # experts 3 and 9 receive no token
@@ -80,7 +81,7 @@ def test_forward_matches_loop(tokens, chunks, slice_bytes, monkeypatch):
 @pytest.mark.parametrize("slice_bytes", SLICINGS)
 def test_backward_matches_loop(tokens, chunks, slice_bytes, monkeypatch):
     if slice_bytes:
-        monkeypatch.setattr(experts_module, "SLICE_BYTES", slice_bytes)
+        monkeypatch.setattr(dispatch, "SLICE_BYTES", slice_bytes)
     experts = random_experts(config(chunks))
     hidden = torch.randn(tokens, 32, dtype=torch.float64, requires_grad=True)
     indices, weights = routing(tokens, skip=(5,))
@@ -98,7 +99,7 @@ def test_backward_matches_loop(tokens, chunks, slice_bytes, monkeypatch):
 
 def test_group_widths_by_count():
     counts = torch.tensor([0, 1, 2, 4, 5, 9, 16, 17, 30, 96, 97])
-    assert experts_module.padded_widths(counts).tolist() == [0, 1, 4, 4, 16, 16, 16, 24, 32, 96, 104]
+    assert dispatch.padded_widths(counts).tolist() == [0, 1, 4, 4, 16, 16, 16, 24, 32, 96, 104]
 
 
 def test_groups_of_every_width_class_match_the_loop():
@@ -108,7 +109,7 @@ def test_groups_of_every_width_class_match_the_loop():
     flat = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     indices = flat.view(4, 40).t().contiguous()  # a run of <= 40 positions never gives a token one expert twice
     weights = torch.rand(40, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-    slots = experts_module.ExpertSlots.of(indices, weights, 16)
+    slots = dispatch.ExpertSlots.of(indices, weights, 16)
     assert slots.per_expert.tolist()[: len(counts)] == [0, 1, 4, 16, 16, 16, 24, 32, 40, 40]
     assert (slots.weight != 0).sum() == 160
     experts = random_experts(config())
@@ -124,8 +125,8 @@ def test_groups_of_every_width_class_match_the_loop():
 
 
 def test_expert_slices_hold_at_most_the_budget_unless_one_expert_exceeds_it():
-    assert experts_module.expert_slices([3, 0, 4, 2, 9, 1, 0], 7) == [(0, 3), (3, 4), (4, 5), (5, 7)]
-    assert experts_module.expert_slices([0, 0, 0], 7) == [(0, 3)]  # a chunk without tokens: one empty slice
+    assert dispatch.expert_slices([3, 0, 4, 2, 9, 1, 0], 7) == [(0, 3), (3, 4), (4, 5), (5, 7)]
+    assert dispatch.expert_slices([0, 0, 0], 7) == [(0, 3)]  # a chunk without tokens: one empty slice
 
 
 @pytest.mark.parametrize("tokens", [64, 2])
@@ -139,7 +140,7 @@ def test_loop_fallback_equals_grouped_kernel(tokens, monkeypatch):
     grouped_grads = [hidden.grad.clone()] + [p.grad.clone() for p in experts.parameters()]
     hidden.grad = None
     experts.zero_grad()
-    monkeypatch.setattr(experts_module, "_GROUPED_MM", None)
+    monkeypatch.setattr(grouped_mm, "_GROUPED_MM", None)
     looped = experts(hidden, indices, weights)
     looped.square().sum().backward()
     assert relative_error(looped, grouped) < 1e-6
@@ -177,8 +178,10 @@ def test_products_over_unaligned_column_counts_match_the_loop(columns):
     offsets[:3] = torch.tensor([0, columns // 3, columns // 2])
     grad = torch.randn(64, columns)
     results = []
-    for product in (grouped_linear, _looped_group_mm):
+    products = (lambda w, columns: grouped_linear(w, columns.t(), offsets).t(),  # rows in, rows out
+                lambda w, columns: _looped_group_mm(w, columns, offsets))
+    for product in products:
         w, columns = weight.clone().requires_grad_(), rows.clone().requires_grad_()
-        product(w, columns.t(), offsets).backward(grad)
+        product(w, columns.t()).backward(grad)
         results.append((w.grad, columns.grad))
     assert torch.allclose(results[0][0], results[1][0], atol=1e-5) and torch.allclose(results[0][1], results[1][1], atol=1e-5)

@@ -13,7 +13,7 @@ import os
 from peft import get_peft_model
 from safetensors.torch import load_file
 
-from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM, experts, fp8
+from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM, dispatch, fp8
 from modeling_deepseek_moe.configuration import DeepseekMoEV3Config
 from modeling_deepseek_moe.experts import ExpertChunk
 from modeling_deepseek_moe.fp8 import (
@@ -207,15 +207,15 @@ def test_products_dequantize_a_bounded_batch_of_experts_at_a_time(fp8_checkpoint
     model = DeepseekMoEV3ForCausalLM.from_pretrained(fp8_checkpoint("v3"), dtype=torch.float32)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     calls = []
-    real = experts.dequantize_stacked
-    monkeypatch.setattr(experts, "dequantize_stacked", lambda weight, *a: calls.append(weight.shape[0]) or real(weight, *a))
+    real = fp8.dequantize_stacked
+    monkeypatch.setattr(fp8, "dequantize_stacked", lambda weight, *a: calls.append(weight.shape[0]) or real(weight, *a))
     with torch.no_grad():
         whole = model(ids).logits
         used = sum(calls)
-        monkeypatch.setattr(experts, "DEQUANTIZE_BUDGET_BYTES", 1)  # one expert per product
+        monkeypatch.setattr(fp8, "DEQUANTIZE_BUDGET_BYTES", 1)  # one expert per product
         calls.clear()
         batched = model(ids).logits
-        monkeypatch.setattr(experts, "SLICE_BYTES", 10 * 64 * 4)  # slices of ~10 (token, expert) slots
+        monkeypatch.setattr(dispatch, "SLICE_BYTES", 10 * 64 * 4)  # slices of ~10 (token, expert) slots
         sliced = model(ids).logits
     assert used <= 3 * 2 * 16  # at most the 16 experts of each MoE layer (2 + MTP), per projection pair
     assert max(calls) == 1 and torch.allclose(batched, whole, rtol=1e-6, atol=1e-6)
@@ -236,8 +236,8 @@ def test_experts_over_the_budget_go_by_row_tiles_forward_and_backward(monkeypatc
     tiles = []
     real = fp8.dequantize_fp8_blockwise
     monkeypatch.setattr(fp8, "dequantize_fp8_blockwise", lambda w, *a: tiles.append(tuple(w.shape)) or real(w, *a))
-    monkeypatch.setattr(experts, "DEQUANTIZE_BUDGET_BYTES", 16 * cols * 4)  # one block row of one expert
-    output = experts.fp8_grouped_linear(weight, scale_inv, columns, offsets, 2, "dequantize", block)
+    monkeypatch.setattr(fp8, "DEQUANTIZE_BUDGET_BYTES", 16 * cols * 4)  # one block row of one expert
+    output = fp8.fp8_grouped_linear(weight, scale_inv, columns.t(), offsets, 2, "dequantize", block).t()  # rows API
     (grad,) = torch.autograd.grad((output * upstream).sum(), columns)
     assert set(tiles) == {(16, cols)} and len(tiles) == 2 * 3 * rows // 16  # forward + backward, 3 active experts
     assert relative_error(output, expected) < 1e-6 and relative_error(grad, expected_grad) < 1e-6

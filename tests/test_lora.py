@@ -76,19 +76,19 @@ def test_expert_adapter_equals_merged_weight_per_expert(official_checkpoint, mon
     _, model = lora_model(official_checkpoint, "v2", targets=("experts",))
     layer = next(m for m in model.modules() if isinstance(m, ExpertChunkLora))
     base = layer.get_base_layer()
-    columns = torch.randn(64, 40)
+    rows = torch.randn(40, 64)
     offsets = torch.tensor([5, 10, 10, 18, 20, 22, 25, 28, 30, 31, 33, 35, 36, 38, 39, 40], dtype=torch.int32)
     weights = torch.rand(40)
     with torch.no_grad():
-        adapted = layer(columns, offsets, weights)
-        # A range of experts (a slice of RoutedExperts.forward: experts 3-7, columns 10-27) uses their adapters.
-        adapted_range = layer(columns[:, 10:28], offsets[3:8] - 10, weights[10:28], experts=slice(3, 8))
+        adapted = layer(rows, offsets, weights)
+        # A range of experts (a slice of the CPU dispatcher: experts 3-7, rows 10-27) uses their adapters.
+        adapted_range = layer(rows[10:28], offsets[3:8] - 10, weights[10:28], experts=slice(3, 8))
         deltas = layer.get_delta_weight("default")
         for name, delta in deltas.items():
             base.merge_delta(name, delta)
-        merged = base(columns, offsets, weights)
+        merged = base(rows, offsets, weights)
     assert relative_error(adapted, merged) < 1e-5
-    assert relative_error(adapted_range, adapted[:, 10:28]) < 1e-6
+    assert relative_error(adapted_range, adapted[10:28]) < 1e-6
 
 
 def test_peft_target_parameters_on_the_expert_stacks(official_checkpoint):
