@@ -1,8 +1,9 @@
 """Expert placement: ``device_map`` dicts that spread each MoE layer's routed experts over devices
 (expert parallelism inside one process) or keep them in CPU memory while the rest runs on GPUs.
 
-Sizes come from the config alone (no model is built), so mapping DeepSeek-V3's 671B parameters takes
-milliseconds. FP8 configs count quantized weights at one byte per parameter plus their block scales.
+Sizes come from the config alone (the checkpoint's tensor list, no model is built), so mapping
+DeepSeek-V3's 671B parameters takes about 0.1 s. FP8 configs count quantized weights at one byte per
+parameter plus their block scales.
 
     device_map = expert_device_map(config, ["cuda:0", "cuda:1", ...])
     model = DeepseekMoEV3ForCausalLM.from_pretrained(path, device_map=device_map)
@@ -12,13 +13,15 @@ milliseconds. FP8 configs count quantized weights at one byte per parameter plus
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from .configuration import DeepseekMoEConfig
-from .fp8 import BLOCK
+from .fp8 import QUANTIZED_KEY, scale_shape
+from .layout import OfficialLayout, official_tensor_shapes
 
 
 @dataclass
@@ -31,80 +34,48 @@ class Unit:
     experts: int = 0  # routed experts it holds
 
 
-def _weight_bytes(shape: tuple[int, int], quantized: bool, element_size: int) -> int:
-    if quantized:  # FP8: one byte per value plus a float32 scale per block
-        return shape[0] * shape[1] + 4 * math.ceil(shape[0] / BLOCK[0]) * math.ceil(shape[1] / BLOCK[1])
-    return shape[0] * shape[1] * element_size
+# The module a device map places each parameter with (placement granularity): a decoder layer's norms,
+# attention, dense MLP or router / shared experts / expert chunks, V3's MTP extras, and the model's ends.
+_UNIT = re.compile(r"^(?P<unit>model\.(?:layers|mtp)\.\d+\.(?:mlp\.(?:gate|shared_experts|experts\.chunks\.\d+)|\w+)"
+                   r"|model\.\w+|lm_head)\.")
+# Forward order of a decoder layer's units (by the last component of the unit's name).
+_LAYER_ORDER = ("enorm", "hnorm", "eh_proj", "input_layernorm", "self_attn", "post_attention_layernorm", "mlp",
+                "gate", "shared_experts", "chunks", "shared_head")
 
 
-def _unit(name: str, shapes: list[tuple[int, ...]], quantized: bool, element_size: int, experts: int = 0,
-          repeat: int = 1) -> Unit:
-    """``repeat`` copies of weights of ``shapes`` (1-D shapes are norms: never quantized)."""
-    parameters = sum(math.prod(shape) for shape in shapes) * repeat
-    size = sum(
-        _weight_bytes(shape, quantized, element_size) if len(shape) == 2 else math.prod(shape) * element_size
-        for shape in shapes
-    ) * repeat
-    return Unit(name, parameters, size, experts)
-
-
-def _attention_shapes(config: DeepseekMoEConfig) -> list[tuple[int, ...]]:
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    if config.attention_type == "mha":
-        kv = config.num_key_value_heads * config.head_dim
-        return [(heads * config.head_dim, hidden), (kv, hidden), (kv, hidden), (hidden, heads * config.head_dim)]
-    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
-    shapes = [(config.q_lora_rank, hidden), (config.q_lora_rank,), (heads * qk, config.q_lora_rank)] if config.q_lora_rank else [(heads * qk, hidden)]
-    return shapes + [
-        (config.kv_lora_rank + config.qk_rope_head_dim, hidden),
-        (config.kv_lora_rank,),
-        (heads * (config.qk_nope_head_dim + config.v_head_dim), config.kv_lora_rank),
-        (hidden, heads * config.v_head_dim),
-    ]
-
-
-def _mlp_shapes(hidden: int, width: int) -> list[tuple[int, int]]:
-    return [(width, hidden), (width, hidden), (hidden, width)]
+def _forward_position(name: str) -> tuple:
+    parts = name.split(".")
+    if len(parts) < 4:  # model.embed_tokens, model.rotary_emb, model.norm, lm_head
+        return ({"embed_tokens": 0, "rotary_emb": 1}.get(parts[-1], 4),)
+    block = (2, int(parts[2])) if parts[1] == "layers" else (3, int(parts[2]))
+    component = "chunks" if "chunks" in parts else parts[-1]
+    return (*block, _LAYER_ORDER.index(component), int(parts[-1]) if component == "chunks" else 0)
 
 
 def placement_units(config: DeepseekMoEConfig, chunks: int, dtype: torch.dtype = torch.bfloat16) -> list[Unit]:
     """Every module a causal-LM ``device_map`` names, in forward order, with routed experts as ``chunks``
-    chunks per MoE layer."""
+    chunks per MoE layer; sizes from the checkpoint's tensor list (:func:`.layout.official_tensor_shapes`,
+    the one place that knows the shapes), FP8-quantized weights at one byte plus their float32 block scales,
+    V3's router bias in float32."""
     element = torch.empty((), dtype=dtype).element_size()
     fp8 = bool(config.quantization_config) and config.quantization_config.get("quant_method") == "fp8"
-    hidden = config.hidden_size
-    units = [_unit("model.embed_tokens", [(config.vocab_size, hidden)], False, element), Unit("model.rotary_emb", 0, 0)]
-    layers = [f"model.layers.{i}" for i in range(config.num_hidden_layers)]
-    layers += [f"model.mtp.{d}" for d in range(config.num_nextn_predict_layers)]
-    for index, prefix in enumerate(layers):
-        if prefix.startswith("model.mtp"):
-            units.append(_unit(f"{prefix}.enorm", [(hidden,)], False, element))
-            units.append(_unit(f"{prefix}.hnorm", [(hidden,)], False, element))
-            units.append(_unit(f"{prefix}.eh_proj", [(hidden, 2 * hidden)], False, element))
-        units.append(_unit(f"{prefix}.input_layernorm", [(hidden,)], False, element))
-        units.append(_unit(f"{prefix}.self_attn", _attention_shapes(config), fp8, element))
-        units.append(_unit(f"{prefix}.post_attention_layernorm", [(hidden,)], False, element))
-        if not config.is_moe_layer(index):
-            units.append(_unit(f"{prefix}.mlp", _mlp_shapes(hidden, config.intermediate_size), fp8, element))
+    layout_config = config.to_dict() | {"num_expert_chunks": chunks}
+    layout = OfficialLayout(type(config).from_dict(layout_config) if chunks != config.num_expert_chunks else config)
+    units = {"model.rotary_emb": Unit("model.rotary_emb", 0, 0)}
+    for key, shape in official_tensor_shapes(layout_config).items():
+        slot = layout.slot(key)
+        if slot is None:  # the MTP layer's copies of the embedding and the head
             continue
-        experts = config.n_routed_experts
-        gate = _unit(f"{prefix}.mlp.gate", [(experts, hidden)], False, element)
-        if config.topk_method == "noaux_tc":
-            gate.parameters += experts
-            gate.bytes += 4 * experts  # e_score_correction_bias: float32
-        units.append(gate)
-        if config.n_shared_experts:
-            width = config.moe_intermediate_size * config.n_shared_experts
-            units.append(_unit(f"{prefix}.mlp.shared_experts", _mlp_shapes(hidden, width), fp8, element))
-        per_chunk = experts // chunks
-        for chunk in range(chunks):
-            units.append(_unit(f"{prefix}.mlp.experts.chunks.{chunk}", _mlp_shapes(hidden, config.moe_intermediate_size),
-                               fp8, element, experts=per_chunk, repeat=per_chunk))
-        if prefix.startswith("model.mtp"):
-            units.append(_unit(f"{prefix}.shared_head", [(hidden,)], False, element))
-    units.append(_unit("model.norm", [(hidden,)], False, element))
-    units.append(_unit("lm_head", [(config.vocab_size, hidden)], False, element))
-    return units
+        name = _UNIT.match(slot.param)["unit"]
+        unit = units.setdefault(name, Unit(name, 0, 0))
+        unit.parameters += math.prod(shape)
+        if fp8 and QUANTIZED_KEY.search(key):  # FP8: one byte per value plus a float32 scale per block
+            unit.bytes += math.prod(shape) + 4 * math.prod(scale_shape(shape))
+        else:
+            unit.bytes += math.prod(shape) * (4 if key.endswith("e_score_correction_bias") else element)
+        if "experts.chunks." in name and key.endswith("down_proj.weight"):
+            unit.experts += 1
+    return sorted(units.values(), key=lambda unit: _forward_position(unit.name))
 
 
 def chunks_for(config: DeepseekMoEConfig, devices: int) -> int:
