@@ -15,6 +15,12 @@ from transformers import PreTrainedConfig
 from .fp8 import FP8_COMPUTE_MODES, SCALE_FORMATS
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+def is_moe_layer(layer: int, n_routed_experts: int | None, first_k_dense_replace: int, moe_layer_freq: int) -> bool:
+    """DeepSeek's rule: layer i is MoE iff there are routed experts, i >= first_k_dense_replace and
+    i % moe_layer_freq == 0 (the config classes and the checkpoint layout both ask it)."""
+    return bool(n_routed_experts) and layer >= first_k_dense_replace and layer % moe_layer_freq == 0
 SCORING_FUNCS = ("softmax", "sigmoid")
 # DeepSeek-V2's released configuration class defaults to this misspelling of "greedy".
 TOPK_METHOD_ALIASES = {"gready": "greedy"}
@@ -237,12 +243,8 @@ class DeepseekMoEConfig(PreTrainedConfig):
 
     # ------------------------------------------------------------------ structure
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """DeepSeek's rule: layer i is MoE iff i >= first_k_dense_replace and i % moe_layer_freq == 0."""
-        return (
-            self.n_routed_experts is not None
-            and layer_idx >= self.first_k_dense_replace
-            and layer_idx % self.moe_layer_freq == 0
-        )
+        """Whether decoder layer ``layer_idx`` is an MoE layer (:func:`is_moe_layer`)."""
+        return is_moe_layer(layer_idx, self.n_routed_experts, self.first_k_dense_replace, self.moe_layer_freq)
 
 
 class DeepseekMoEV1Config(DeepseekMoEConfig):

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .configuration import is_moe_layer
+
 # DeepSeek's own model_type for each of this package's families: config.json in either schema loads.
 OFFICIAL_MODEL_TYPES = {"deepseek_moe_v1": "deepseek", "deepseek_moe_v2": "deepseek_v2", "deepseek_moe_v3": "deepseek_v3"}
 _FAMILY_CLASS = re.compile(r"^DeepseekMoEV(?P<version>[123])(?P<head>\w*)$")
@@ -176,8 +178,7 @@ def _attention_shapes(config, prefix, hidden, heads):
 
 def _mlp_shapes(config, prefix, layer, hidden):
     experts = config.get("n_routed_experts")
-    is_moe = experts and layer >= config["first_k_dense_replace"] and layer % config.get("moe_layer_freq", 1) == 0
-    if not is_moe:
+    if not is_moe_layer(layer, experts, config["first_k_dense_replace"], config.get("moe_layer_freq", 1)):
         width = config["intermediate_size"]
         return {
             prefix + "gate_proj.weight": (width, hidden),

@@ -1,4 +1,5 @@
-"""Decoder layer, base model and heads for DeepSeekMoE (V1), DeepSeek-V2 and DeepSeek-V3.
+"""The base model and its heads (causal LM, sequence classification) for DeepSeekMoE (V1), DeepSeek-V2 and
+DeepSeek-V3.
 
 The three families share every class here; they differ only through their config (attention type,
 router semantics) and the thin ``DeepseekMoEV{1,2,3}*`` subclasses at the bottom that bind a config class.
