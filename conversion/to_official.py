@@ -2,6 +2,6 @@
 
 import sys
 
-from modeling_deepseek_moe.conversion import main
+from modeling_deepseek_moe.conversion.cli import main
 
 sys.exit(main(["to-official", *sys.argv[1:]]))

@@ -14,7 +14,8 @@ from safetensors import safe_open
 
 from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, conversion
 from modeling_deepseek_moe.safetensors_io import CheckpointError
-from modeling_deepseek_moe.conversion import main, mp_file, verify
+from modeling_deepseek_moe.conversion import engine, model_parallel, mp_file, verify
+from modeling_deepseek_moe.conversion.cli import main
 from modeling_deepseek_moe.fp8 import FP8_DTYPE, FP8_QUANTIZATION_CONFIG, QUANTIZED_KEY, SCALE_SUFFIX
 from modeling_deepseek_moe.lora import lora_config
 from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint, write_official_checkpoint
@@ -257,7 +258,7 @@ def test_merge_lora_into_an_fp8_base_requantizes(tmp_path, official_checkpoint):
 
 
 def test_interrupted_conversion_resumes_without_redoing_shards(tmp_path, fp8_v3, monkeypatch):
-    real_writer = conversion.SafetensorsWriter
+    real_writer = engine.SafetensorsWriter
     opened = []
 
     class WriterInterruptedInThirdShard(real_writer):
@@ -270,13 +271,13 @@ def test_interrupted_conversion_resumes_without_redoing_shards(tmp_path, fp8_v3,
             opened.append(self.path)
             return self
 
-    monkeypatch.setattr(conversion, "SafetensorsWriter", WriterInterruptedInThirdShard)
+    monkeypatch.setattr(engine, "SafetensorsWriter", WriterInterruptedInThirdShard)
     with pytest.raises(KeyboardInterrupt):
         conversion.dequantize(fp8_v3, str(tmp_path / "out"), quiet=True)
     assert not os.path.exists(tmp_path / "out") and os.path.isdir(tmp_path / "out.partial")
     with pytest.raises(CheckpointError, match="different conversion"):
         conversion.quantize(fp8_v3, str(tmp_path / "out"), resume=True, quiet=True)
-    monkeypatch.setattr(conversion, "SafetensorsWriter", real_writer)
+    monkeypatch.setattr(engine, "SafetensorsWriter", real_writer)
     summary = conversion.dequantize(fp8_v3, str(tmp_path / "out"), resume=True, quiet=True)
     assert summary.shards_skipped == 2
     conversion.dequantize(fp8_v3, str(tmp_path / "straight"), quiet=True)
@@ -338,9 +339,9 @@ def test_progress_bar_shows_bytes_unless_quiet(tmp_path, fp8_v3, capsys):
 
 def test_inference_format_conversions_resume_after_an_interruption(tmp_path, monkeypatch):
     source = write_fp8_official(tmp_path / "v3", num_shards=4, **MP_FRIENDLY)
-    real_write = conversion.write_tensor
+    real_write = model_parallel.write_tensor
     calls = []
-    monkeypatch.setattr(conversion, "write_tensor", lambda *args: calls.append(1) or real_write(*args))
+    monkeypatch.setattr(model_parallel, "write_tensor", lambda *args: calls.append(1) or real_write(*args))
     conversion.to_mp(source, str(tmp_path / "mp-straight"), 2, quiet=True)
     conversion.from_mp(str(tmp_path / "mp-straight"), str(tmp_path / "back-straight"), f"{source}/config.json", quiet=True)
     total, calls = len(calls), []
@@ -351,15 +352,15 @@ def test_inference_format_conversions_resume_after_an_interruption(tmp_path, mon
             raise KeyboardInterrupt
         real_write(handle, offset, tensor)
 
-    monkeypatch.setattr(conversion, "write_tensor", write_then_fail)
+    monkeypatch.setattr(model_parallel, "write_tensor", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
         conversion.to_mp(source, str(tmp_path / "mp"), 2, quiet=True)
-    monkeypatch.setattr(conversion, "write_tensor", real_write)
+    monkeypatch.setattr(model_parallel, "write_tensor", real_write)
     assert conversion.to_mp(source, str(tmp_path / "mp"), 2, resume=True, quiet=True).shards_skipped >= 1
     for rank in range(2):
         assert (tmp_path / "mp" / mp_file(rank, 2)).read_bytes() == (tmp_path / "mp-straight" / mp_file(rank, 2)).read_bytes()
 
-    real_writer = conversion.SafetensorsWriter
+    real_writer = model_parallel.SafetensorsWriter
 
     class InterruptedInSecondShard(real_writer):
         opened = 0
@@ -370,10 +371,10 @@ def test_inference_format_conversions_resume_after_an_interruption(tmp_path, mon
                 raise KeyboardInterrupt
             return self
 
-    monkeypatch.setattr(conversion, "SafetensorsWriter", InterruptedInSecondShard)
+    monkeypatch.setattr(model_parallel, "SafetensorsWriter", InterruptedInSecondShard)
     with pytest.raises(KeyboardInterrupt):
         conversion.from_mp(str(tmp_path / "mp"), str(tmp_path / "back"), f"{source}/config.json", quiet=True, max_shard_size=2**20)
-    monkeypatch.setattr(conversion, "SafetensorsWriter", real_writer)
+    monkeypatch.setattr(model_parallel, "SafetensorsWriter", real_writer)
     summary = conversion.from_mp(str(tmp_path / "mp"), str(tmp_path / "back"), f"{source}/config.json", resume=True,
                                  quiet=True, max_shard_size=2**20)
     assert summary.shards_skipped == 1
