@@ -12,6 +12,8 @@ from ..saving import auto_map
 from .engine import CONFIG_CLASSES, OFFICIAL_TO_OURS, Destination, Summary, convert, is_mtp_key, model_config, open_source, shard_units
 from .quantization import dequantize_tensors
 
+# from-official's dtype choices: keep the source's, dequantize FP8 to bf16, quantize what DeepSeek quantizes.
+DTYPES = ("keep", "bf16", "fp8")
 # Fields this package writes into config.json that DeepSeek's schema does not have.
 PACKAGE_ONLY_FIELDS = {
     "auto_map", "head_dim", "qk_head_dim", "num_expert_chunks", "device_aux_loss_alpha", "comm_aux_loss_alpha",
@@ -67,8 +69,10 @@ def from_official(src: str, dst: str, dtype: str = "keep", drop_mtp: bool = Fals
     ``dtype`` "bf16" dequantizes FP8 weights, "fp8" quantizes what DeepSeek quantizes; ``drop_mtp`` leaves
     out V3's multi-token-prediction layer."""
     destination = Destination(dst, "from-official", {"dtype": dtype, "drop_mtp": drop_mtp}, overwrite, resume)
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     source = open_source(src)
-    layers = source.config["num_hidden_layers"]
+    layers = source.model.num_hidden_layers
 
     def tensors(shard, companions):
         if drop_mtp:

@@ -52,10 +52,12 @@ OFFICIAL_TO_OURS = {official: ours for ours, official in OFFICIAL_MODEL_TYPES.it
 # ---------------------------------------------------------------------- validate: the source
 @dataclass
 class Source:
-    """A checkpoint folder: config.json (as a dict) and ``{file: {key: header entry}}``."""
+    """A checkpoint folder: config.json (as a dict), its validated config object (None when not asked
+    for) and ``{file: {key: header entry}}``."""
 
     directory: str
     config: dict
+    model: DeepseekMoEConfig | None
     files: dict[str, dict[str, dict]]
 
     @cached_property
@@ -85,21 +87,39 @@ def is_mtp_key(key: str, num_layers: int) -> bool:
 
 
 def open_source(directory: str, expect_layout: bool = True) -> Source:
-    """Read and validate a source folder; with ``expect_layout``, every tensor DeepSeek's layout has for its
-    config must be there with its shape (FP8 weights with their scales and dtype)."""
+    """Read and validate a source folder: config.json (with ``expect_layout`` built by its family's config
+    class, see :func:`model_config`), the index against the files, and with ``expect_layout`` every
+    tensor the config implies with its shape (FP8 weights with their scales and dtype)."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory} is a file, not a checkpoint folder" if os.path.exists(directory)
+                              else f"{directory} does not exist")
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
-        raise CheckpointError(f"{directory}: no config.json")
-    with open(config_path) as handle:
-        config = json.load(handle)
+        raise CheckpointError(f"{directory}: no config.json (not a checkpoint folder)")
+    config = read_config(config_path)
+    model = model_config(config, config_path) if expect_layout else None
     files = {}
     for file, keys in checkpoint_files(directory).items():
         header = safetensors_header(os.path.join(directory, file))
         files[file] = {key: header[key] for key in keys}
-    source = Source(directory, config, files)
+    source = Source(directory, config, model, files)
     if expect_layout:
         validate_tensors(source)
     return source
+
+
+def read_config(path: str) -> dict:
+    """A config.json as a dict; a missing or unreadable one is a CheckpointError naming it."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not a JSON config ({error})") from error
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON config (a {type(config).__name__}, not an object)")
+    return config
 
 
 def model_config(config: dict, where: str, **overrides) -> DeepseekMoEConfig:
@@ -123,7 +143,7 @@ def model_config(config: dict, where: str, **overrides) -> DeepseekMoEConfig:
 def validate_tensors(source: Source) -> None:
     """Every tensor the config implies, with its shape; FP8 weights in float8_e4m3fn with their scales."""
     keys = source.keys
-    for key, shape in official_tensor_shapes(source.config).items():
+    for key, shape in official_tensor_shapes(source.model.to_dict()).items():  # the config's defaults filled in
         file = keys.get(key)
         if file is None:
             raise CheckpointError(f"{source.directory}: tensor {key!r} is missing")
@@ -152,6 +172,8 @@ class Destination:
         self.work = self.path + ".partial"
         self.plan, self.arguments = plan, arguments
         self.finished: list[str] = []
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise CheckpointError(f"{self.path} is a file; the destination must be a folder")
         if os.path.exists(self.path) and os.listdir(self.path) and not overwrite:
             raise CheckpointError(f"{self.path} exists and is not empty (pass --overwrite to replace it)")
         journal = self._journal() if resume else None

@@ -10,13 +10,13 @@ over the ranks on DeepSeek's dim or copied to every rank. Both directions run on
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 
 import torch
 
-from ..fp8 import QUANTIZED_KEY, SCALE_SUFFIX
+from ..configuration import DeepseekMoEConfig
+from ..fp8 import BLOCK, QUANTIZED_KEY, SCALE_SUFFIX, scale_shape
 from ..layout import official_tensor_shapes
 from ..safetensors_io import (
     CheckpointError,
@@ -29,7 +29,7 @@ from ..safetensors_io import (
     safetensors_header,
     write_tensor,
 )
-from .engine import Destination, Summary, Unit, convert, is_fp8, is_mtp_key, open_source
+from .engine import Destination, Summary, Unit, convert, is_fp8, is_mtp_key, model_config, open_source, read_config
 
 # DeepSeek-V3's inference/convert.py: per name part, the new name and the dim split across ranks.
 MP_NAMES = {
@@ -46,6 +46,8 @@ def mp_name(key: str) -> tuple[str, int | None, int | None]:
     """Official key -> (mp name, split dim or None, routed expert index or None)."""
     parts = key.removeprefix("model.").split(".")
     parts = [MP_PARTS.get(p, p) for p in parts]
+    if len(parts) < 2 or parts[-2] not in MP_NAMES:
+        raise CheckpointError(f"tensor {key!r} has no name in DeepSeek's inference format")
     new, dim = MP_NAMES[parts[-2]]
     parts[-2] = new
     expert = int(parts[-3]) if "experts" in parts and "shared_experts" not in parts else None
@@ -70,6 +72,13 @@ def rank_parts(key: str, shape: list[int], ranks: int, experts: int) -> list[tup
     return [(rank, name, part, dim) for rank in range(ranks)]
 
 
+def require_mla(model: DeepseekMoEConfig, config: dict, where: str) -> None:
+    """DeepSeek's inference code (DeepSeek-V3's inference/model.py) builds MLA models only: V2 and V3."""
+    if model.attention_type != "mla":
+        raise CheckpointError(f"{where}: model_type {config.get('model_type')!r} is a DeepSeekMoE (V1) model, with "
+                              "multi-head attention; DeepSeek's inference format holds MLA models only (V2, V3)")
+
+
 def to_mp(src: str, dst: str, model_parallel: int, overwrite: bool = False, resume: bool = False,
           quiet: bool = False) -> Summary:
     """Official (or this package's) folder -> DeepSeek-V3's inference format, MTP layers skipped as
@@ -77,7 +86,10 @@ def to_mp(src: str, dst: str, model_parallel: int, overwrite: bool = False, resu
     (on a fresh start), then filled one source shard per unit."""
     destination = Destination(dst, "to-mp", {"model_parallel": model_parallel}, overwrite, resume)
     source = open_source(src)
-    layers, experts = source.config["num_hidden_layers"], source.config.get("n_routed_experts") or 1
+    require_mla(source.model, source.config, os.path.join(src, "config.json"))
+    if not isinstance(model_parallel, int) or model_parallel < 1:
+        raise CheckpointError(f"model_parallel must be a positive number of ranks, got {model_parallel!r}")
+    layers, experts = source.model.num_hidden_layers, source.model.n_routed_experts or 1
     if experts % model_parallel:
         raise CheckpointError(f"n_routed_experts ({experts}) does not split over {model_parallel} ranks")
     files = [mp_file(rank, model_parallel) for rank in range(model_parallel)]
@@ -89,7 +101,10 @@ def to_mp(src: str, dst: str, model_parallel: int, overwrite: bool = False, resu
             if is_mtp_key(key, layers):
                 continue
             targets[file][key] = rank_parts(key, entry["shape"], model_parallel, experts)
-            for rank, name, shape, _ in targets[file][key]:
+            for rank, name, shape, dim in targets[file][key]:
+                if entry["dtype"] == "F8_E4M3" and dim is not None and shape[dim] % BLOCK[dim]:
+                    raise CheckpointError(f"{file}: FP8 tensor {key!r} {entry['shape']} split over {model_parallel} ranks "
+                                          f"would cut its {BLOCK[0]}x{BLOCK[1]} scale blocks (dim {dim}: {shape[dim]} per rank)")
                 layout[rank][name] = (entry["dtype"], shape)
 
     def prepare(work: str) -> None:
@@ -121,8 +136,11 @@ def from_mp(src: str, dst: str, config_path: str, overwrite: bool = False, resum
     """DeepSeek-V3's inference format -> official folder (with the official ``config_path`` config.json),
     in shards of at most ``max_shard_size`` bytes."""
     destination = Destination(dst, "from-mp", {"config": config_path}, overwrite, resume)
-    with open(config_path) as handle:
-        config = json.load(handle)
+    config = read_config(config_path)
+    model = model_config(config, config_path)
+    require_mla(model, config, config_path)
+    if not os.path.isdir(src):
+        raise CheckpointError(f"{src} is a file, not a folder" if os.path.exists(src) else f"{src} does not exist")
     ranks = sorted(f for f in os.listdir(src) if re.fullmatch(r"model\d+-mp\d+\.safetensors", f))
     if not ranks:
         raise CheckpointError(f"{src}: no model{{i}}-mp{{N}}.safetensors files")
@@ -130,20 +148,25 @@ def from_mp(src: str, dst: str, config_path: str, overwrite: bool = False, resum
     expected = [mp_file(r, count) for r in range(count)]
     if ranks != sorted(expected):
         raise CheckpointError(f"{src}: expected {expected}, found {ranks}")
+    experts = model.n_routed_experts or 1
+    if experts % count:
+        raise CheckpointError(f"{config_path}: n_routed_experts ({experts}) does not split over the {count} ranks of {src}")
     headers = [safetensors_header(os.path.join(src, f)) for f in expected]
-    experts = config.get("n_routed_experts") or 1
-    shapes = {k: s for k, s in official_tensor_shapes(config).items() if not is_mtp_key(k, config["num_hidden_layers"])}
-    keys = list(shapes)
+    shapes = {k: s for k, s in official_tensor_shapes(model.to_dict()).items() if not is_mtp_key(k, model.num_hidden_layers)}
     if is_fp8(config):
-        keys += [k.removesuffix(".weight") + SCALE_SUFFIX for k in shapes if QUANTIZED_KEY.search(k)]
+        shapes.update({k.removesuffix(".weight") + SCALE_SUFFIX: scale_shape(s) for k, s in shapes.items() if QUANTIZED_KEY.search(k)})
     sizes = {}  # bytes of each official tensor, summed over the ranks that hold a part
-    for key in keys:
-        name, dim, expert = mp_name(key)
-        rank = expert // (experts // count) if expert is not None else 0
-        if name not in headers[rank]:
-            raise CheckpointError(f"{expected[rank]}: tensor {name!r} (official {key!r}) is missing")
-        entry = headers[rank][name]
-        sizes[key] = (entry["data_offsets"][1] - entry["data_offsets"][0]) * (count if dim is not None and expert is None else 1)
+    for key, shape in shapes.items():
+        sizes[key] = 0
+        for index, (rank, name, part, dim) in enumerate(rank_parts(key, list(shape), count, experts)):
+            entry = headers[rank].get(name)
+            if entry is None:
+                raise CheckpointError(f"{os.path.join(src, expected[rank])}: tensor {name!r} (official {key!r}) is missing")
+            if entry["shape"] != part:
+                raise CheckpointError(f"{os.path.join(src, expected[rank])}: tensor {name!r} has shape {entry['shape']}, "
+                                      f"expected {part} (official {key!r} {list(shape)} over {count} ranks)")
+            if dim is not None or index == 0:  # a tensor copied to every rank is read once
+                sizes[key] += entry["data_offsets"][1] - entry["data_offsets"][0]
     shards = plan_shards(sizes, max_shard_size)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
@@ -153,13 +176,9 @@ def from_mp(src: str, dst: str, config_path: str, overwrite: bool = False, resum
                 readers = [stack.enter_context(SafetensorsReader(os.path.join(src, f))) for f in expected]
                 writer = stack.enter_context(SafetensorsWriter(os.path.join(work, file), header_bytes_for(shard_keys)))
                 for key in shard_keys:
-                    name, dim, expert = mp_name(key)
-                    if expert is not None:
-                        parts = [readers[expert // (experts // count)].get_tensor(name)]
-                    elif dim is None:
-                        parts = [readers[0].get_tensor(name)]
-                    else:
-                        parts = [reader.get_tensor(name) for reader in readers]
+                    places = rank_parts(key, list(shapes[key]), count, experts)
+                    dim = places[0][3]
+                    parts = [readers[rank].get_tensor(name) for rank, name, _, _ in (places if dim is not None else places[:1])]
                     tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
                     writer.add(key, tensor)
                     summary.count_in(parts)

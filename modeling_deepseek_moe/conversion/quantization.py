@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ..fp8 import FP8_DTYPE, FP8_QUANTIZATION_CONFIG, SCALE_SUFFIX, dequantize_fp8_blockwise, quantize_tensors
+from ..fp8 import FP8_DTYPE, FP8_QUANTIZATION_CONFIG, SCALE_FORMATS, SCALE_SUFFIX, dequantize_fp8_blockwise, quantize_tensors
 from ..safetensors_io import CheckpointError
 from .engine import Destination, Summary, convert, open_source, shard_units
 
@@ -46,7 +48,8 @@ def dequantize(src: str, dst: str, overwrite: bool = False, resume: bool = False
     destination = Destination(dst, "dequantize", {}, overwrite, resume)
     source = open_source(src)
     if not source.is_fp8:
-        raise CheckpointError(f"{src}: config.json has no FP8 quantization_config")
+        raise CheckpointError(f"{os.path.join(src, 'config.json')}: no FP8 quantization_config (quant_method 'fp8'): "
+                              "nothing to dequantize")
     config = dict(source.config, torch_dtype="bfloat16")
     config.pop("quantization_config")
     return convert(destination, shard_units(source, dequantize_tensors), config, src, quiet=quiet)
@@ -57,7 +60,12 @@ def quantize(src: str, dst: str, scale_fmt: str = "float", overwrite: bool = Fal
     """BF16 -> block-wise FP8 with DeepSeek's layout and quantization_config (``scale_fmt`` "ue8m0": scales
     rounded up to powers of two, as DeepSeek-V3.1)."""
     destination = Destination(dst, "quantize", {"scale_fmt": scale_fmt}, overwrite, resume)
+    if scale_fmt not in SCALE_FORMATS:
+        raise CheckpointError(f"scale_fmt must be one of {list(SCALE_FORMATS)}, got {scale_fmt!r}")
     source = open_source(src)
+    if source.is_fp8:
+        raise CheckpointError(f"{os.path.join(src, 'config.json')}: quantization_config says the weights are FP8 already "
+                              "(dequantize them first to quantize them again)")
     quantization = dict(FP8_QUANTIZATION_CONFIG, **({"scale_fmt": "ue8m0"} if scale_fmt == "ue8m0" else {}))
     config = dict(source.config, quantization_config=quantization)
     units = shard_units(source, lambda shard, _: quantize_tensors(shard, scale_fmt))
