@@ -116,7 +116,7 @@ def main() -> None:
         ("from-official", ["from-official", path("fp8"), path("ours")], "fp8", "ours"),
         ("from-official --dtype bf16", ["from-official", path("fp8"), path("ours-bf16"), "--dtype", "bf16"], "fp8", "ours-bf16"),
         ("to-official", ["to-official", path("ours"), path("official")], "ours", "official"),
-        ("to-mp --model-parallel 2", ["to-mp", path("bf16"), path("mp"), "--model-parallel", "2"], "bf16", "mp"),
+        ("to-mp --model-parallel 2", ["to-mp", path("bf16"), path("mp"), "--model-parallel", "2", "--drop-mtp"], "bf16", "mp"),
         ("from-mp", ["from-mp", path("mp"), path("from-mp"), "--config", path("bf16/config.json")], "mp", "from-mp"),
         ("merge-lora (fp8 base)", ["merge-lora", path("fp8"), path("bf16-adapter"), path("merged")], "fp8", "merged"),
         ("verify (fp8 vs bf16)", ["verify", path("fp8"), path("bf16-again")], "fp8", "bf16-again"),

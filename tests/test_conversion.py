@@ -185,7 +185,7 @@ MP_FRIENDLY = dict(  # every split dim of a quantized weight is a multiple of 12
 
 def test_inference_format_round_trip(tmp_path):
     source = write_fp8_official(tmp_path / "v3", num_shards=4, **MP_FRIENDLY)
-    assert main(["to-mp", source, str(tmp_path / "mp"), "--model-parallel", "2", "--quiet"]) == 0
+    assert main(["to-mp", source, str(tmp_path / "mp"), "--model-parallel", "2", "--drop-mtp", "--quiet"]) == 0
     assert sorted(os.listdir(tmp_path / "mp")) == sorted([mp_file(0, 2), mp_file(1, 2), "generation_config.json", "tokenizer.json"])
     official = read_all(source)
     ranks = []
@@ -210,6 +210,22 @@ def test_inference_format_round_trip(tmp_path):
     with pytest.raises(CheckpointError, match="does not split over 3 ranks"):
         conversion.to_mp(source, str(tmp_path / "mp3"), 3, quiet=True)
     assert not os.path.exists(tmp_path / "mp3")
+
+
+def test_mtp_left_out_by_to_mp_is_said_and_explained_by_verify(tmp_path, official_checkpoint, capsys):
+    """to-mp --drop-mtp says what it leaves out; verify against the source names the MTP layer as the only
+    difference, and --ignore-mtp compares the rest (equal)."""
+    source = str(official_checkpoint("v3")[0])
+    assert main(["to-mp", source, str(tmp_path / "mp"), "--model-parallel", "2", "--drop-mtp", "--quiet"]) == 0
+    assert "leaving out V3's multi-token-prediction layer, model.layers.3 (68 tensors)" in capsys.readouterr().err
+    assert main(["from-mp", str(tmp_path / "mp"), str(tmp_path / "back"), "--config", f"{source}/config.json", "--quiet"]) == 0
+    assert main(["verify", source, str(tmp_path / "back"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"differ only in V3's multi-token-prediction layer: model.layers.3 (68 tensors) in {source} only" in err
+    assert "--ignore-mtp" in err
+    assert main(["verify", source, str(tmp_path / "back"), "--ignore-mtp", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["max_abs_diff"] == 0.0 and result["left_out"] == f"model.layers.3 (68 tensors) in {source} only"
 
 
 def lora_adapter(directory, tmp_path):
@@ -342,7 +358,7 @@ def test_inference_format_conversions_resume_after_an_interruption(tmp_path, mon
     real_write = model_parallel.write_tensor
     calls = []
     monkeypatch.setattr(model_parallel, "write_tensor", lambda *args: calls.append(1) or real_write(*args))
-    conversion.to_mp(source, str(tmp_path / "mp-straight"), 2, quiet=True)
+    conversion.to_mp(source, str(tmp_path / "mp-straight"), 2, drop_mtp=True, quiet=True)
     conversion.from_mp(str(tmp_path / "mp-straight"), str(tmp_path / "back-straight"), f"{source}/config.json", quiet=True)
     total, calls = len(calls), []
 
@@ -354,9 +370,9 @@ def test_inference_format_conversions_resume_after_an_interruption(tmp_path, mon
 
     monkeypatch.setattr(model_parallel, "write_tensor", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
-        conversion.to_mp(source, str(tmp_path / "mp"), 2, quiet=True)
+        conversion.to_mp(source, str(tmp_path / "mp"), 2, drop_mtp=True, quiet=True)
     monkeypatch.setattr(model_parallel, "write_tensor", real_write)
-    assert conversion.to_mp(source, str(tmp_path / "mp"), 2, resume=True, quiet=True).shards_skipped >= 1
+    assert conversion.to_mp(source, str(tmp_path / "mp"), 2, drop_mtp=True, resume=True, quiet=True).shards_skipped >= 1
     for rank in range(2):
         assert (tmp_path / "mp" / mp_file(rank, 2)).read_bytes() == (tmp_path / "mp-straight" / mp_file(rank, 2)).read_bytes()
 

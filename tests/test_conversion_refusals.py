@@ -177,6 +177,14 @@ def to_mp_cutting_fp8_scale_blocks(tmp_path):
 
 
 @case
+def to_mp_of_a_model_with_mtp_without_drop_mtp(tmp_path):
+    """DeepSeek's inference format has no MTP layer: leaving V3's out must be asked for."""
+    return (["to-mp", official(tmp_path / "src"), str(tmp_path / "dst"), "--model-parallel", "2"],
+            "holds V3's multi-token-prediction layer, model.layers.3 (68 tensors), which DeepSeek's inference format "
+            "has no place for; pass --drop-mtp to leave it out")
+
+
+@case
 def from_mp_with_a_config_that_does_not_exist(tmp_path):
     return (["from-mp", mp_folder(tmp_path), str(tmp_path / "dst"), "--config", str(tmp_path / "missing.json")],
             "missing.json does not exist")

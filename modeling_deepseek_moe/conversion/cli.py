@@ -39,22 +39,24 @@ def main(argv: Iterable[str] | None = None) -> int:
     add("dequantize", "FP8 -> BF16 on the CPU")
     add("quantize", "BF16 -> block-wise FP8", (["--scale-fmt"], dict(choices=["float", "ue8m0"], default="float")))
     add("to-mp", "-> DeepSeek-V3's inference format (model{i}-mp{N}.safetensors)",
-        (["--model-parallel"], dict(type=int, required=True)))
+        (["--model-parallel"], dict(type=int, required=True)),
+        (["--drop-mtp"], dict(action="store_true", help="leave out V3's multi-token-prediction layer")))
     add("from-mp", "DeepSeek-V3's inference format -> official folder",
         (["--config"], dict(required=True, help="the official config.json of the model")))
     add("merge-lora", "merge a PEFT LoRA adapter into the base weights", positionals=("base", "adapter", "dst"))
-    add("verify", "compare two checkpoints tensor by tensor", positionals=("a", "b"), writes=False)
+    add("verify", "compare two checkpoints tensor by tensor", (["--ignore-mtp"], dict(action="store_true")),
+        positionals=("a", "b"), writes=False)
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         if args.command == "verify":
-            print(json.dumps(verify(args.a, args.b, quiet=args.quiet)))
+            print(json.dumps(verify(args.a, args.b, quiet=args.quiet, ignore_mtp=args.ignore_mtp)))
             return 0
         options = dict(overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
         run = {"from-official": lambda: from_official(args.src, args.dst, args.dtype, args.drop_mtp, **options),
                "to-official": lambda: to_official(args.src, args.dst, **options),
                "dequantize": lambda: dequantize(args.src, args.dst, **options),
                "quantize": lambda: quantize(args.src, args.dst, args.scale_fmt, **options),
-               "to-mp": lambda: to_mp(args.src, args.dst, args.model_parallel, **options),
+               "to-mp": lambda: to_mp(args.src, args.dst, args.model_parallel, args.drop_mtp, **options),
                "from-mp": lambda: from_mp(args.src, args.dst, args.config, **options),
                "merge-lora": lambda: merge_lora(args.base, args.adapter, args.dst, **options)}[args.command]
         summary = run()

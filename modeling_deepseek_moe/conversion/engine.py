@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -84,6 +85,19 @@ def is_mtp_key(key: str, num_layers: int) -> bool:
     """Whether official ``key`` belongs to V3's multi-token-prediction layers (``model.layers.N``, N >= layers)."""
     match = LAYER_KEY.match(key)
     return bool(match) and int(match["layer"]) >= num_layers
+
+
+def describe_mtp(keys: Iterable[str], num_layers: int) -> str:
+    """``"model.layers.61 (68 tensors)"``: the multi-token-prediction layers among official ``keys``."""
+    mtp = [key for key in keys if is_mtp_key(key, num_layers)]
+    layers = sorted({int(LAYER_KEY.match(key)["layer"]) for key in mtp})
+    names = ", ".join(f"model.layers.{layer}" for layer in layers)
+    return f"{names} ({len(mtp)} tensors)"
+
+
+def notice(message: str) -> None:
+    """A line for the user on stderr (what a conversion does that they should know of, e.g. leaving out MTP)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def open_source(directory: str, expect_layout: bool = True) -> Source:

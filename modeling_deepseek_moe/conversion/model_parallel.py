@@ -29,7 +29,19 @@ from ..safetensors_io import (
     safetensors_header,
     write_tensor,
 )
-from .engine import Destination, Summary, Unit, convert, is_fp8, is_mtp_key, model_config, open_source, read_config
+from .engine import (
+    Destination,
+    Summary,
+    Unit,
+    convert,
+    describe_mtp,
+    is_fp8,
+    is_mtp_key,
+    model_config,
+    notice,
+    open_source,
+    read_config,
+)
 
 # DeepSeek-V3's inference/convert.py: per name part, the new name and the dim split across ranks.
 MP_NAMES = {
@@ -79,12 +91,13 @@ def require_mla(model: DeepseekMoEConfig, config: dict, where: str) -> None:
                               "multi-head attention; DeepSeek's inference format holds MLA models only (V2, V3)")
 
 
-def to_mp(src: str, dst: str, model_parallel: int, overwrite: bool = False, resume: bool = False,
-          quiet: bool = False) -> Summary:
-    """Official (or this package's) folder -> DeepSeek-V3's inference format, MTP layers skipped as
-    DeepSeek's convert.py skips them. Each rank file's layout is fixed from the source headers first
-    (on a fresh start), then filled one source shard per unit."""
-    destination = Destination(dst, "to-mp", {"model_parallel": model_parallel}, overwrite, resume)
+def to_mp(src: str, dst: str, model_parallel: int, drop_mtp: bool = False, overwrite: bool = False,
+          resume: bool = False, quiet: bool = False) -> Summary:
+    """Official (or this package's) folder -> DeepSeek-V3's inference format. The format has no place for
+    V3's multi-token-prediction layers: a source that holds them needs ``drop_mtp`` (they are left out,
+    with a notice, as DeepSeek's convert.py leaves them out). Each rank file's layout is fixed from the
+    source headers first (on a fresh start), then filled one source shard per unit."""
+    destination = Destination(dst, "to-mp", {"model_parallel": model_parallel, "drop_mtp": drop_mtp}, overwrite, resume)
     source = open_source(src)
     require_mla(source.model, source.config, os.path.join(src, "config.json"))
     if not isinstance(model_parallel, int) or model_parallel < 1:
@@ -92,6 +105,10 @@ def to_mp(src: str, dst: str, model_parallel: int, overwrite: bool = False, resu
     layers, experts = source.model.num_hidden_layers, source.model.n_routed_experts or 1
     if experts % model_parallel:
         raise CheckpointError(f"n_routed_experts ({experts}) does not split over {model_parallel} ranks")
+    mtp = [key for key in source.keys if is_mtp_key(key, layers)]
+    if mtp and not drop_mtp:
+        raise CheckpointError(f"{src} holds V3's multi-token-prediction layer, {describe_mtp(mtp, layers)}, which DeepSeek's "
+                              "inference format has no place for; pass --drop-mtp to leave it out")
     files = [mp_file(rank, model_parallel) for rank in range(model_parallel)]
     layout = [{} for _ in files]  # per rank: {mp name: (dtype, shape)}
     targets = {}  # per source shard: {key: rank_parts}
@@ -128,6 +145,9 @@ def to_mp(src: str, dst: str, model_parallel: int, overwrite: bool = False, resu
         return Unit(file, source.size(file), write)
 
     units = [unit(file) for file in source.files]
+    if mtp:
+        notice(f"to-mp: leaving out V3's multi-token-prediction layer, {describe_mtp(mtp, layers)}, as DeepSeek's "
+               "convert.py does (from-mp cannot restore it; verify --ignore-mtp compares the rest)")
     return convert(destination, units, None, src, index=False, prepare=prepare, quiet=quiet)
 
 

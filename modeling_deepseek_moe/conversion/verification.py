@@ -12,25 +12,36 @@ from tqdm.auto import tqdm
 
 from ..fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8_blockwise
 from ..safetensors_io import CheckpointError, SafetensorsReader
-from .engine import Source, open_source
+from .engine import Source, describe_mtp, is_mtp_key, open_source
 
 
-def verify(a: str, b: str, quiet: bool = False) -> dict[str, float]:
+def verify(a: str, b: str, quiet: bool = False, ignore_mtp: bool = False) -> dict:
     """Compare two checkpoints tensor by tensor (FP8 weights dequantized, so an FP8 folder compares with its
-    BF16 copy): ``{"tensors", "max_abs_diff", "max_rel_diff", "worst_key"}``; different tensor names or
-    shapes are a CheckpointError naming the first one."""
+    BF16 copy): ``{"tensors", "max_abs_diff", "max_rel_diff", "worst_key"}``. Different tensor names or
+    shapes are a CheckpointError naming the first one; when the only difference is V3's multi-token-
+    prediction layer (DeepSeek's inference format has none), the error says so, and ``ignore_mtp``
+    compares the other tensors (the result then says what was left out in ``"left_out"``)."""
     left, right = open_source(a, expect_layout=False), open_source(b, expect_layout=False)
     weights = lambda s: {k for k in s.keys if not k.endswith(SCALE_SUFFIX)}  # noqa: E731
-    if weights(left) != weights(right):
-        only = sorted(weights(left) ^ weights(right))
-        raise CheckpointError(f"{a} and {b} hold different tensors: {only[0]!r} is in one only ({len(only)} such)")
     result = {"tensors": 0, "max_abs_diff": 0.0, "max_rel_diff": 0.0, "worst_key": None}
+    only = sorted(weights(left) ^ weights(right))
+    layers = left.config.get("num_hidden_layers")
+    one_side = [(path, source) for path, source in ((a, left), (b, right)) if set(only) <= weights(source)]
+    if only and layers is not None and one_side and all(is_mtp_key(key, layers) for key in only):
+        holder = one_side[0][0]
+        left_out = f"{describe_mtp(only, layers)} in {holder} only"
+        if not ignore_mtp:
+            raise CheckpointError(f"{a} and {b} differ only in V3's multi-token-prediction layer: {left_out} (DeepSeek's "
+                                  "inference format has none: to-mp --drop-mtp leaves it out); pass --ignore-mtp to compare the rest")
+        result["left_out"] = left_out
+    elif only:
+        raise CheckpointError(f"{a} and {b} hold different tensors: {only[0]!r} is in one only ({len(only)} such)")
     progress = tqdm(total=left.size(), unit="B", unit_scale=True, desc="verify", disable=quiet)
     with contextlib.ExitStack() as stack:
         readers = [WeightReader(source, stack) for source in (left, right)]
         for file, entries in left.files.items():
             for key in entries:
-                if key.endswith(SCALE_SUFFIX):
+                if key.endswith(SCALE_SUFFIX) or key in only:
                     continue
                 x, y = (reader.weight(key) for reader in readers)
                 if x.shape != y.shape:
