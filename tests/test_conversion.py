@@ -15,7 +15,7 @@ from safetensors import safe_open
 from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, conversion
 from modeling_deepseek_moe.safetensors_io import CheckpointError
 from modeling_deepseek_moe.conversion import engine, model_parallel, mp_file, verify
-from modeling_deepseek_moe.conversion.cli import main
+from deepseek_moe_convert import main
 from modeling_deepseek_moe.fp8 import FP8_DTYPE, FP8_QUANTIZATION_CONFIG, QUANTIZED_KEY, SCALE_SUFFIX
 from modeling_deepseek_moe.lora import lora_config
 from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint, write_official_checkpoint

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from modeling_deepseek_moe.conversion.cli import main
+from deepseek_moe_convert import main
 from modeling_deepseek_moe.fp8 import FP8_QUANTIZATION_CONFIG
 from modeling_deepseek_moe.synthetic import (
     random_official_state,
