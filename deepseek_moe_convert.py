@@ -174,7 +174,7 @@ def command_parser(name: str, prog: str) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
     """``deepseek-moe-convert COMMAND ...`` or, with ``command``, that command as a script named after
-    ``sys.argv[0]``. Returns the exit status: 0 done, 2 refused (one line on stderr)."""
+    ``sys.argv[0]``. Returns the exit status: 0 done, 2 refused (one line on stderr), 130 interrupted (Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if command is None:
         parser, parsers = tool_parser()
@@ -189,9 +189,12 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
 
 
 def run(command: str, args: argparse.Namespace, prog: str) -> int:
-    from modeling_deepseek_moe import conversion
-    from modeling_deepseek_moe.safetensors_io import CheckpointError
-
+    try:
+        from modeling_deepseek_moe import conversion
+        from modeling_deepseek_moe.safetensors_io import CheckpointError
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
     options = {"quiet": args.quiet}
     if COMMANDS[command].writes:
         options.update(overwrite=args.overwrite, resume=args.resume)
@@ -200,6 +203,9 @@ def run(command: str, args: argparse.Namespace, prog: str) -> int:
     except CheckpointError as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # the engine's says what is finished and how to resume
+        print(f"{prog}: {interrupt or 'interrupted; nothing was written'}", file=sys.stderr)
+        return 130
     print(json.dumps(result) if command == "verify" else f"{command}: {result}")
     return 0
 

@@ -84,3 +84,87 @@ def test_every_subcommand_has_a_script_that_names_itself():
     assert done.returncode == 2
     assert done.stderr.startswith("usage: to_mp.py [-h] --model-parallel N") and "to_mp.py: error:" in done.stderr
     assert "deepseek-moe-convert" not in done.stderr
+
+
+@pytest.fixture
+def fp8_source(tmp_path) -> str:
+    from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
+
+    write_fp8_official_checkpoint(tmp_path / "src", "v3", num_shards=3)
+    return str(tmp_path / "src")
+
+
+def interrupt_in_second_shard(monkeypatch):
+    """Ctrl-C while the second shard is being written."""
+    from modeling_deepseek_moe.conversion import engine
+
+    class Writer(engine.SafetensorsWriter):
+        opened = 0
+
+        def __enter__(self):
+            Writer.opened += 1
+            return self
+
+        def add(self, key, tensor):
+            if Writer.opened == 2:
+                raise KeyboardInterrupt
+            super().add(key, tensor)
+
+    monkeypatch.setattr(engine, "SafetensorsWriter", Writer)
+
+
+def test_an_interrupt_says_how_to_resume_and_a_rerun_asks_for_resume_or_overwrite(tmp_path, fp8_source, capsys, monkeypatch):
+    dst = str(tmp_path / "dst")
+    interrupt_in_second_shard(monkeypatch)
+    assert main(["dequantize", fp8_source, dst, "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert err == (f"deepseek-moe-convert dequantize: interrupted with 1 of 3 shards finished in {dst}.partial: run the "
+                   "same command with --resume to continue (or --overwrite to start over)\n")
+    monkeypatch.undo()
+
+    assert main(["dequantize", fp8_source, dst, "--quiet"]) == 2  # not silently started over
+    assert capsys.readouterr().err == (f"deepseek-moe-convert dequantize: {dst}.partial holds an interrupted conversion "
+                                       "(1 shards finished): pass --resume to continue it, or --overwrite to start over\n")
+    assert main(["quantize", fp8_source, dst, "--resume", "--quiet"]) == 2
+    assert "holds a different conversion (dequantize of" in capsys.readouterr().err
+    assert main(["dequantize", fp8_source, dst, "--resume", "--quiet"]) == 0
+    assert "1 finished shards reused" in capsys.readouterr().out
+    assert main(["dequantize", fp8_source, str(tmp_path / "again"), "--quiet"]) == 0
+    assert main(["verify", dst, str(tmp_path / "again"), "--quiet"]) == 0
+    assert '"max_abs_diff": 0.0' in capsys.readouterr().out
+
+
+def test_overwrite_starts_an_interrupted_conversion_over(tmp_path, fp8_source, capsys, monkeypatch):
+    interrupt_in_second_shard(monkeypatch)
+    assert main(["dequantize", fp8_source, str(tmp_path / "dst"), "--quiet"]) == 130
+    monkeypatch.undo()
+    assert main(["dequantize", fp8_source, str(tmp_path / "dst"), "--overwrite", "--quiet"]) == 0
+    assert "reused" not in capsys.readouterr().out and not os.path.exists(tmp_path / "dst.partial")
+
+
+@pytest.mark.parametrize("command", ["quantize", "merge-lora", "dequantize", "verify"])
+def test_the_final_progress_bar_is_drawn_once(tmp_path, fp8_source, capsys, monkeypatch, command):
+    """tqdm draws the last update and again when closed; with every update drawn (mininterval=0) a log
+    showed the 100% line twice."""
+    import functools
+
+    from modeling_deepseek_moe.conversion import engine
+
+    monkeypatch.setattr(engine, "tqdm", functools.partial(engine.tqdm, mininterval=0))
+    if command == "quantize":
+        assert main(["dequantize", fp8_source, str(tmp_path / "bf16"), "--quiet"]) == 0
+        argv = ["quantize", str(tmp_path / "bf16"), str(tmp_path / "dst")]
+    elif command == "merge-lora":
+        (tmp_path / "adapter").mkdir()  # an adapter that changes nothing: no LoRA factor at all
+        (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+        from safetensors.torch import save_file
+        save_file({}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+        argv = ["merge-lora", fp8_source, str(tmp_path / "adapter"), str(tmp_path / "dst")]
+    elif command == "dequantize":
+        argv = ["dequantize", fp8_source, str(tmp_path / "dst")]
+    else:
+        argv = ["verify", fp8_source, fp8_source]
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("100%") == 1, err

@@ -5,6 +5,8 @@ Tensors are the same in both formats (DeepSeek's names, shapes and dtypes).
 
 from __future__ import annotations
 
+import os
+
 from ..fp8 import FP8_QUANTIZATION_CONFIG, quantize_tensors
 from ..layout import OFFICIAL_MODEL_TYPES, official_architecture
 from ..safetensors_io import CheckpointError
@@ -68,7 +70,8 @@ def from_official(src: str, dst: str, dtype: str = "keep", drop_mtp: bool = Fals
     """Official folder -> this package's format (config with our model_type and auto_map, modeling code);
     ``dtype`` "bf16" dequantizes FP8 weights, "fp8" quantizes what DeepSeek quantizes; ``drop_mtp`` leaves
     out V3's multi-token-prediction layer."""
-    destination = Destination(dst, "from-official", {"dtype": dtype, "drop_mtp": drop_mtp}, overwrite, resume)
+    destination = Destination(dst, "from-official", {"source": os.path.abspath(src), "dtype": dtype, "drop_mtp": drop_mtp},
+                              overwrite, resume)
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     source = open_source(src)
@@ -94,7 +97,7 @@ def from_official(src: str, dst: str, dtype: str = "keep", drop_mtp: bool = Fals
 
 def to_official(src: str, dst: str, overwrite: bool = False, resume: bool = False, quiet: bool = False) -> Summary:
     """This package's folder -> DeepSeek's config schema; tensors unchanged (they are already official)."""
-    destination = Destination(dst, "to-official", {}, overwrite, resume)
+    destination = Destination(dst, "to-official", {"source": os.path.abspath(src)}, overwrite, resume)
     source = open_source(src)
     config = to_official_config(source.config)
     return convert(destination, shard_units(source, lambda shard, _: shard), config, src, quiet=quiet)

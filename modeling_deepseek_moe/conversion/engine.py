@@ -179,7 +179,9 @@ def validate_tensors(source: Source) -> None:
 class Destination:
     """Where a conversion writes: ``DST.partial`` while it runs, holding the journal of finished units,
     renamed to ``DST`` at the end. ``plan`` and ``arguments`` identify the conversion, so that a resumed
-    run continues only the same one."""
+    run continues only the same one. Checks, writing nothing: ``DST`` must be a folder that is empty
+    unless ``overwrite``; a ``DST.partial`` left by an interrupted run is continued with ``resume``,
+    replaced with ``overwrite``, and otherwise a CheckpointError asking for one of them."""
 
     def __init__(self, path: str, plan: str, arguments: dict, overwrite: bool = False, resume: bool = False) -> None:
         self.path = path.rstrip("/")
@@ -190,10 +192,18 @@ class Destination:
             raise CheckpointError(f"{self.path} is a file; the destination must be a folder")
         if os.path.exists(self.path) and os.listdir(self.path) and not overwrite:
             raise CheckpointError(f"{self.path} exists and is not empty (pass --overwrite to replace it)")
-        journal = self._journal() if resume else None
+        if not os.path.exists(self.work) or (overwrite and not resume):
+            return
+        journal = self._journal()
+        if not resume:
+            done = f"{len(journal['finished'])} shards finished" if journal else "no shard finished"
+            raise CheckpointError(f"{self.work} holds an interrupted conversion ({done}): pass --resume to continue it, "
+                                  "or --overwrite to start over")
         if journal is not None:
             if journal.get("plan") != plan or journal.get("arguments") != arguments:
-                raise CheckpointError(f"{self.work} holds a different conversion ({journal.get('plan')}); drop --resume")
+                raise CheckpointError(f"{self.work} holds a different conversion ({journal.get('plan')} of "
+                                      f"{journal.get('arguments', {}).get('source')}): pass --overwrite instead of --resume "
+                                      "to start over")
             self.finished = list(journal["finished"])
 
     def _journal(self) -> dict | None:
@@ -257,25 +267,53 @@ class Unit:
     write: Callable[[str, Summary], None]
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while a conversion writes; its message says what is finished and how to continue."""
+
+
+class Progress:
+    """A progress bar in bytes on stderr whose final state is drawn once (tqdm draws the last update and
+    again when closed: two 100% lines in a log)."""
+
+    def __init__(self, total: int, desc: str, quiet: bool) -> None:
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=quiet)
+
+    def advance(self, nbytes: int) -> None:
+        if self.bar.n + nbytes < self.bar.total:
+            self.bar.update(nbytes)
+        else:
+            self.bar.n = self.bar.total  # drawn by close()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def convert(destination: Destination, units: list[Unit], config: dict | None, extras_from: str, index: bool = True,
             copy_code: bool = False, prepare: Callable[[str], None] | None = None, quiet: bool = False) -> Summary:
     """Run ``units`` into ``destination`` (those a resumed run finished are skipped), then write ``config``
     (when not None), the index (with ``index``), the tokenizer files of ``extras_from`` and, with
-    ``copy_code``, this package's modeling code, and publish. ``prepare(work)`` runs first on a fresh start."""
+    ``copy_code``, this package's modeling code, and publish. ``prepare(work)`` runs first on a fresh start.
+    Ctrl-C raises :class:`Interrupted`, whose message says how to resume."""
     start = time.time()
-    destination.begin()
     summary = Summary(shards_skipped=sum(unit.name in destination.finished for unit in units))
-    if prepare is not None and not destination.finished:
-        prepare(destination.work)
-    progress = tqdm(total=sum(unit.size for unit in units), unit="B", unit_scale=True, desc=destination.plan, disable=quiet)
-    for unit in units:
-        if unit.name not in destination.finished:
-            unit.write(destination.work, summary)
-            destination.record(unit.name)
-        progress.update(unit.size)
-    progress.close()
-    write_folder_files(extras_from, destination.work, config, index, copy_code)
-    destination.publish()
+    progress = Progress(sum(unit.size for unit in units), destination.plan, quiet)
+    try:
+        destination.begin()
+        if prepare is not None and not destination.finished:
+            prepare(destination.work)
+        for unit in units:
+            if unit.name not in destination.finished:
+                unit.write(destination.work, summary)
+                destination.record(unit.name)
+            progress.advance(unit.size)
+        write_folder_files(extras_from, destination.work, config, index, copy_code)
+        destination.publish()
+    except KeyboardInterrupt:
+        done = sum(unit.name in destination.finished for unit in units)
+        raise Interrupted(f"interrupted with {done} of {len(units)} shards finished in {destination.work}: run the same "
+                          "command with --resume to continue (or --overwrite to start over)") from None
+    finally:
+        progress.close()
     summary.seconds = time.time() - start
     return summary
 

@@ -101,7 +101,8 @@ def merge_lora(base: str, adapter_directory: str, dst: str, overwrite: bool = Fa
     """Merge a PEFT LoRA adapter into a base folder (official or this package's): ``W + scaling * B @ A``
     computed in fp32, cast back to the weight's dtype; FP8 weights are dequantized, merged and re-quantized
     (with the base's scale format); every other tensor is copied unchanged."""
-    destination = Destination(dst, "merge-lora", {"adapter": os.path.abspath(adapter_directory)}, overwrite, resume)
+    destination = Destination(dst, "merge-lora", {"source": os.path.abspath(base), "adapter": os.path.abspath(adapter_directory)},
+                              overwrite, resume)
     source = open_source(base)
     factors = read_lora_adapter(adapter_directory, source.config)
     entries = {key: entry for shard in source.files.values() for key, entry in shard.items()}

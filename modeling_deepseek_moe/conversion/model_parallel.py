@@ -97,7 +97,8 @@ def to_mp(src: str, dst: str, model_parallel: int, drop_mtp: bool = False, overw
     V3's multi-token-prediction layers: a source that holds them needs ``drop_mtp`` (they are left out,
     with a notice, as DeepSeek's convert.py leaves them out). Each rank file's layout is fixed from the
     source headers first (on a fresh start), then filled one source shard per unit."""
-    destination = Destination(dst, "to-mp", {"model_parallel": model_parallel, "drop_mtp": drop_mtp}, overwrite, resume)
+    destination = Destination(dst, "to-mp", {"source": os.path.abspath(src), "model_parallel": model_parallel,
+                                             "drop_mtp": drop_mtp}, overwrite, resume)
     source = open_source(src)
     require_mla(source.model, source.config, os.path.join(src, "config.json"))
     if not isinstance(model_parallel, int) or model_parallel < 1:
@@ -155,7 +156,8 @@ def from_mp(src: str, dst: str, config_path: str, overwrite: bool = False, resum
             quiet: bool = False, max_shard_size: int = 5 * 10**9) -> Summary:
     """DeepSeek-V3's inference format -> official folder (with the official ``config_path`` config.json),
     in shards of at most ``max_shard_size`` bytes."""
-    destination = Destination(dst, "from-mp", {"config": config_path}, overwrite, resume)
+    destination = Destination(dst, "from-mp", {"source": os.path.abspath(src), "config": os.path.abspath(config_path),
+                                               "max_shard_size": max_shard_size}, overwrite, resume)
     config = read_config(config_path)
     model = model_config(config, config_path)
     require_mla(model, config, config_path)

@@ -45,7 +45,7 @@ def dequantize_tensors(tensors: dict[str, torch.Tensor], companions: dict[str, t
 
 def dequantize(src: str, dst: str, overwrite: bool = False, resume: bool = False, quiet: bool = False) -> Summary:
     """FP8 -> BF16 on the CPU; scales and quantization_config removed, index rewritten."""
-    destination = Destination(dst, "dequantize", {}, overwrite, resume)
+    destination = Destination(dst, "dequantize", {"source": os.path.abspath(src)}, overwrite, resume)
     source = open_source(src)
     if not source.is_fp8:
         raise CheckpointError(f"{os.path.join(src, 'config.json')}: no FP8 quantization_config (quant_method 'fp8'): "
@@ -59,7 +59,7 @@ def quantize(src: str, dst: str, scale_fmt: str = "float", overwrite: bool = Fal
              quiet: bool = False) -> Summary:
     """BF16 -> block-wise FP8 with DeepSeek's layout and quantization_config (``scale_fmt`` "ue8m0": scales
     rounded up to powers of two, as DeepSeek-V3.1)."""
-    destination = Destination(dst, "quantize", {"scale_fmt": scale_fmt}, overwrite, resume)
+    destination = Destination(dst, "quantize", {"source": os.path.abspath(src), "scale_fmt": scale_fmt}, overwrite, resume)
     if scale_fmt not in SCALE_FORMATS:
         raise CheckpointError(f"scale_fmt must be one of {list(SCALE_FORMATS)}, got {scale_fmt!r}")
     source = open_source(src)

@@ -8,11 +8,10 @@ import contextlib
 import os
 
 import torch
-from tqdm.auto import tqdm
 
 from ..fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8_blockwise
 from ..safetensors_io import CheckpointError, SafetensorsReader
-from .engine import Source, describe_mtp, is_mtp_key, open_source
+from .engine import Progress, Source, describe_mtp, is_mtp_key, open_source
 
 
 def verify(a: str, b: str, quiet: bool = False, ignore_mtp: bool = False) -> dict:
@@ -36,8 +35,9 @@ def verify(a: str, b: str, quiet: bool = False, ignore_mtp: bool = False) -> dic
         result["left_out"] = left_out
     elif only:
         raise CheckpointError(f"{a} and {b} hold different tensors: {only[0]!r} is in one only ({len(only)} such)")
-    progress = tqdm(total=left.size(), unit="B", unit_scale=True, desc="verify", disable=quiet)
+    progress = Progress(left.size(), "verify", quiet)
     with contextlib.ExitStack() as stack:
+        stack.callback(progress.close)
         readers = [WeightReader(source, stack) for source in (left, right)]
         for file, entries in left.files.items():
             for key in entries:
@@ -52,8 +52,7 @@ def verify(a: str, b: str, quiet: bool = False, ignore_mtp: bool = False) -> dic
                     result.update(max_abs_diff=diff, worst_key=key)
                 result["max_rel_diff"] = max(result["max_rel_diff"], relative)
                 result["tensors"] += 1
-            progress.update(os.path.getsize(os.path.join(left.directory, file)))
-    progress.close()
+            progress.advance(left.size(file))
     return result
 
 
