@@ -168,3 +168,12 @@ def test_the_final_progress_bar_is_drawn_once(tmp_path, fp8_source, capsys, monk
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert err.count("100%") == 1, err
+
+
+def test_the_command_lines_choices_are_the_librarys():
+    """The command line cannot import the package to read them (--help would load torch): same lists."""
+    from modeling_deepseek_moe.conversion.configs import DTYPES
+    from modeling_deepseek_moe.fp8 import SCALE_FORMATS
+
+    choices = {flags[0]: keywords.get("choices") for command in COMMANDS.values() for flags, keywords in command.arguments}
+    assert tuple(choices["--dtype"]) == DTYPES and tuple(choices["--scale-fmt"]) == SCALE_FORMATS

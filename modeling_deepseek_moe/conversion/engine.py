@@ -104,9 +104,7 @@ def open_source(directory: str, expect_layout: bool = True) -> Source:
     """Read and validate a source folder: config.json (with ``expect_layout`` built by its family's config
     class, see :func:`model_config`), the index against the files, and with ``expect_layout`` every
     tensor the config implies with its shape (FP8 weights with their scales and dtype)."""
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory} is a file, not a checkpoint folder" if os.path.exists(directory)
-                              else f"{directory} does not exist")
+    require_folder(directory, "a checkpoint folder")
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{directory}: no config.json (not a checkpoint folder)")
@@ -120,6 +118,12 @@ def open_source(directory: str, expect_layout: bool = True) -> Source:
     if expect_layout:
         validate_tensors(source)
     return source
+
+
+def require_folder(path: str, what: str) -> None:
+    """A CheckpointError unless ``path`` is a folder: it does not exist, or it is a file, not ``what``."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is a file, not {what}" if os.path.exists(path) else f"{path} does not exist")
 
 
 def read_config(path: str) -> dict:

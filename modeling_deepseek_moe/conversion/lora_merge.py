@@ -16,7 +16,7 @@ import torch
 from ..fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8_blockwise, quantize_fp8_blockwise
 from ..layout import OfficialLayout
 from ..safetensors_io import CheckpointError, SafetensorsReader
-from .engine import Destination, Summary, convert, model_config, open_source, shard_units
+from .engine import Destination, Summary, convert, model_config, open_source, require_folder, shard_units
 from .quantization import scale_of
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,9 +48,7 @@ def _adapter_scaling(adapter: dict, module: str, rank: int) -> float:
 def read_lora_adapter(adapter_directory: str, config: dict) -> dict[str, LoraFactors]:
     """A PEFT LoRA adapter folder (linear LoRA and this package's expert LoRA) -> ``{official key: factors}``
     for a base model with official ``config``; anything a merge cannot express is an error naming it."""
-    if not os.path.isdir(adapter_directory):
-        raise CheckpointError(f"{adapter_directory} is a file, not an adapter folder" if os.path.exists(adapter_directory)
-                              else f"{adapter_directory} does not exist")
+    require_folder(adapter_directory, "a PEFT adapter folder")
     config_path = os.path.join(adapter_directory, "adapter_config.json")
     weights_path = os.path.join(adapter_directory, ADAPTER_WEIGHTS)
     for path in (config_path, weights_path):

@@ -41,6 +41,7 @@ from .engine import (
     notice,
     open_source,
     read_config,
+    require_folder,
 )
 
 # DeepSeek-V3's inference/convert.py: per name part, the new name and the dim split across ranks.
@@ -161,8 +162,7 @@ def from_mp(src: str, dst: str, config_path: str, overwrite: bool = False, resum
     config = read_config(config_path)
     model = model_config(config, config_path)
     require_mla(model, config, config_path)
-    if not os.path.isdir(src):
-        raise CheckpointError(f"{src} is a file, not a folder" if os.path.exists(src) else f"{src} does not exist")
+    require_folder(src, "a folder of model{i}-mp{N}.safetensors files")
     ranks = sorted(f for f in os.listdir(src) if re.fullmatch(r"model\d+-mp\d+\.safetensors", f))
     if not ranks:
         raise CheckpointError(f"{src}: no model{{i}}-mp{{N}}.safetensors files")
