@@ -124,7 +124,7 @@ def test_an_interrupt_says_how_to_resume_and_a_rerun_asks_for_resume_or_overwrit
 
     assert main(["dequantize", fp8_source, dst, "--quiet"]) == 2  # not silently started over
     assert capsys.readouterr().err == (f"deepseek-moe-convert dequantize: {dst}.partial holds an interrupted conversion "
-                                       "(1 shards finished): pass --resume to continue it, or --overwrite to start over\n")
+                                       "(dequantize, finished shards: 1): pass --resume to continue it, or --overwrite to start over\n")
     assert main(["quantize", fp8_source, dst, "--resume", "--quiet"]) == 2
     assert "holds a different conversion (dequantize of" in capsys.readouterr().err
     assert main(["dequantize", fp8_source, dst, "--resume", "--quiet"]) == 0

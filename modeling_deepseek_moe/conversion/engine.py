@@ -200,7 +200,7 @@ class Destination:
             return
         journal = self._journal()
         if not resume:
-            done = f"{len(journal['finished'])} shards finished" if journal else "no shard finished"
+            done = f"{journal.get('plan')}, finished shards: {len(journal['finished'])}" if journal else "no finished shard"
             raise CheckpointError(f"{self.work} holds an interrupted conversion ({done}): pass --resume to continue it, "
                                   "or --overwrite to start over")
         if journal is not None:
@@ -211,11 +211,13 @@ class Destination:
             self.finished = list(journal["finished"])
 
     def _journal(self) -> dict | None:
-        path = os.path.join(self.work, JOURNAL)
-        if not os.path.isfile(path):
+        """The work folder's journal; None when there is none to trust (nothing recorded as finished)."""
+        try:
+            with open(os.path.join(self.work, JOURNAL)) as handle:
+                journal = json.load(handle)
+        except (OSError, json.JSONDecodeError):
             return None
-        with open(path) as handle:
-            return json.load(handle)
+        return journal if isinstance(journal, dict) and isinstance(journal.get("finished"), list) else None
 
     def begin(self) -> None:
         """Create the work folder, or keep it when resuming."""
