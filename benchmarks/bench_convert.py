@@ -84,7 +84,7 @@ def build_source(directory: str) -> None:
 RUNNER = """
 import json, resource, sys, time
 start = time.time()
-from modeling_deepseek_moe.conversion import main
+from deepseek_moe_convert import main
 status = main(sys.argv[1:])
 print(json.dumps({"status": status, "seconds": time.time() - start,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -96,7 +96,8 @@ def largest_shard(directory: str) -> int:
 
 
 def run(arguments: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-c", RUNNER, *arguments, "--quiet"], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", RUNNER, *arguments, "--quiet"], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's command line
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
