@@ -4,7 +4,7 @@
    a small DeepSeek-V3 model (V3's attention dims, 16 heads), this package (``mla_absorb="decode"``) vs
    transformers' native ``DeepseekV3ForCausalLM`` on the same weights, interleaved; cache bytes per token.
 2. Multi-token prediction: a tiny V3 model trained for a few hundred steps (main + MTP loss) on
-   ``examples/data/moe_notes.txt``, then greedy decoding with and without the MTP drafter: acceptance
+   the package's corpus (``modeling_deepseek_moe/data/moe_notes.txt``), then greedy decoding with and without the MTP drafter: acceptance
    rate and speed-up.
 
     python benchmarks/bench_decode.py [--contexts 512 2048 8192] [--steps 8] [--rounds 3]
@@ -27,14 +27,14 @@ from timing import write_json  # noqa: E402
 
 from modeling_deepseek_moe.compat import output_cache, with_cache
 from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM  # noqa: E402
-from modeling_deepseek_moe.synthetic import tiny_official_config, write_official_checkpoint  # noqa: E402
+from modeling_deepseek_moe.synthetic import CORPUS, tiny_official_config, write_official_checkpoint  # noqa: E402
 
 ATTENTION_MODEL = dict(hidden_size=1024, intermediate_size=2048, moe_intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=512,
                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=16,
                        num_experts_per_tok=4, n_group=4, topk_group=2, vocab_size=4096,
                        num_nextn_predict_layers=0, max_position_embeddings=163840)
-TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "data", "moe_notes.txt")
+TEXT = CORPUS
 
 
 def decode_steps(model, prompt, steps: int) -> tuple[float, int]:

@@ -90,7 +90,7 @@ def run(tokens: int, dtype: torch.dtype, rounds: int) -> dict:
             "native eager": native_with("eager"),
             "native grouped_mm": native_with("grouped_mm"),
         }
-        out_ours = ours(x)
+        out_ours, _ = ours(x)  # (output, routing decision)
         out_native = native_with("eager")()
         error = ((out_ours.float() - out_native.float()).norm() / out_native.float().norm()).item()
         times = interleaved(candidates, rounds)
@@ -119,7 +119,8 @@ def run_backward(tokens: int, rounds: int) -> dict:
                 native_config._experts_implementation = implementation
             module.zero_grad(set_to_none=True)
             x.grad = None
-            (module(x) * upstream).sum().backward()
+            output = module(x)  # ours: (output, routing decision)
+            ((output[0] if isinstance(output, tuple) else output) * upstream).sum().backward()
         return call
 
     a, w = floor_weights(tokens, tokens * SHAPE["num_experts_per_tok"], torch.float32)

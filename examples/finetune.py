@@ -21,7 +21,6 @@ import tempfile
 import torch
 
 FAMILIES = ("v1", "v2", "v3")
-TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "moe_notes.txt")
 
 
 class ByteChunks(torch.utils.data.Dataset):
@@ -75,7 +74,7 @@ def main() -> None:
     from transformers import Trainer, TrainingArguments
 
     from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
-    from modeling_deepseek_moe.synthetic import tiny_official_config, write_official_checkpoint
+    from modeling_deepseek_moe.synthetic import CORPUS, tiny_official_config, write_official_checkpoint
     from modeling_deepseek_moe.training import RouterStatsCallback, routers
 
     classes = dict(zip(FAMILIES, (DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM)))
@@ -99,7 +98,7 @@ def main() -> None:
         use_cpu=not (args.fsdp and torch.cuda.is_available()), disable_tqdm=False, seed=0,
         **(FSDP_ARGUMENTS if args.fsdp else {}),
     )
-    trainer = Trainer(model=model, args=training, train_dataset=ByteChunks(TEXT, 64), callbacks=[RouterStatsCallback()])
+    trainer = Trainer(model=model, args=training, train_dataset=ByteChunks(CORPUS, 64), callbacks=[RouterStatsCallback()])
     trainer.train()
     agree = biases_agree(model)  # a collective: every rank takes part
     history = [entry for entry in trainer.state.log_history if "loss" in entry and "moe/max_vio" in entry]

@@ -12,11 +12,13 @@ from .attention import MultiHeadAttention, MultiHeadLatentAttention
 from .configuration import DeepseekMoEConfig
 from .experts import DenseMLP
 from .moe import MoEBlock
+from .routing import RouterOutput
 from .norm import RMSNorm
 
 
 class DeepseekMoEDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: attention (MHA or MLA) then a dense MLP or an MoE block (``mlp``)."""
+    """Pre-norm block: attention (MHA or MLA) then a dense MLP or an MoE block (``mlp``). Returns the hidden
+    states and the MoE block's routing decision (None in a dense layer)."""
 
     def __init__(self, config: DeepseekMoEConfig, layer_idx: int) -> None:
         super().__init__()
@@ -33,7 +35,7 @@ class DeepseekMoEDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, RouterOutput | None]:
         residual = hidden_states
         # (positional: transformers' attention modules name the cache `cache` from 5.24, `past_key_values` before)
         hidden_states, _ = self.self_attn(
@@ -41,7 +43,10 @@ class DeepseekMoEDecoderLayer(GradientCheckpointingLayer):
         )
         # `.to(...)`: a device_map may place the attention, the MLP and the residual stream apart.
         hidden_states = residual + hidden_states.to(residual.device)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)).to(hidden_states.device)
+        output, routing = self.mlp(self.post_attention_layernorm(hidden_states)), None
+        if isinstance(output, tuple):  # an MoE block
+            output, routing = output
+        return hidden_states + output.to(hidden_states.device), routing
 
 
 class MultiTokenPredictionLayer(DeepseekMoEDecoderLayer):
@@ -69,5 +74,5 @@ class MultiTokenPredictionLayer(DeepseekMoEDecoderLayer):
         """``hidden_states`` of tokens t and ``next_token_embeds`` of tokens t+1, both ``[batch, seq, hidden]``
         -> normalised hidden states ``[batch, seq, hidden]`` to feed the shared output head."""
         merged = self.eh_proj(torch.cat((self.enorm(next_token_embeds), self.hnorm(hidden_states)), dim=-1))
-        merged = super().forward(merged, position_embeddings, attention_mask, cache, **kwargs)
+        merged, _ = super().forward(merged, position_embeddings, attention_mask, cache, **kwargs)
         return self.shared_head.norm(merged)

@@ -9,7 +9,8 @@
 * Token dropping (V2 training): per-expert capacity ``ceil(capacity_factor * T * K / E)``; the lowest
   affinity assignments beyond it are dropped (the token keeps its residual path).
 
-The V3 auxiliary-loss-free bias update lives in :mod:`.training` (it runs after optimizer steps).
+:func:`balance_loss` sums the losses a config enables; the causal LM adds it over its MoE layers' routing
+decisions. The V3 auxiliary-loss-free bias update lives in :mod:`.training` (it runs after optimizer steps).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .routing import tokens_per_expert
+from .routing import RouterOutput, tokens_per_expert
 
 
 def expert_load_fractions(topk_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -79,3 +80,26 @@ def capacity_keep_mask(
     keep = torch.empty_like(flat_experts, dtype=torch.bool)
     keep[order] = rank < capacity
     return keep.view(tokens, top_k)
+
+
+def balance_loss(routing: RouterOutput, config, batch: int) -> torch.Tensor | None:
+    """The sum of the balance losses ``config`` enables for one MoE layer's routing of ``batch`` sequences
+    (None when all are off). Per sequence when ``seq_aux`` (then averaged), else all tokens as one."""
+    if not (config.aux_loss_alpha or config.device_aux_loss_alpha or config.comm_aux_loss_alpha):
+        return None
+    sequences = batch if config.seq_aux else 1
+    scores = routing.scores.float()
+    if config.scoring_func == "sigmoid":  # V3: the loss sees normalised sigmoid affinities
+        scores = scores / scores.sum(dim=-1, keepdim=True)
+    probabilities = scores.view(sequences, -1, scores.shape[-1])
+    chosen = routing.topk_indices.view(sequences, -1, routing.topk_indices.shape[-1])
+    loss = scores.new_zeros(())
+    if config.aux_loss_alpha:
+        loss = loss + expert_balance_loss(probabilities, chosen, config.aux_loss_alpha)
+    if config.device_aux_loss_alpha:
+        loss = loss + device_balance_loss(probabilities, chosen, config.n_group, config.device_aux_loss_alpha)
+    if config.comm_aux_loss_alpha:
+        loss = loss + communication_balance_loss(
+            probabilities, chosen, config.n_group, config.topk_group, config.comm_aux_loss_alpha
+        )
+    return loss

@@ -5,8 +5,8 @@ router semantics) and the thin ``DeepseekMoEV{1,2,3}*`` subclasses at the bottom
 Checkpoints are read (:mod:`.loading`) and written (:mod:`.saving`) in DeepSeek's official layout.
 """
 
-from __future__ import annotations
-
+# (No `from __future__ import annotations`: transformers reads the output fields of `forward`'s return
+# annotation, which must be a class, not a string.)
 import os
 from dataclasses import dataclass
 
@@ -33,8 +33,9 @@ from .fp8 import FP8Linear
 from .mtp import mtp_loss, speculative_generate
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
-from .routing import TopKRouter
-from .training import router_statistics, track_optimizer_steps
+from .routing import RouterOutput, TopKRouter
+from .load_balancing import balance_loss
+from .training import attach_training_hooks, router_statistics
 
 
 class DeepseekMoEPreTrainedModel(PreTrainedModel):
@@ -87,7 +88,7 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs
-    ) -> DeepseekMoEPreTrainedModel:
+    ) -> "DeepseekMoEPreTrainedModel":
         """Load a checkpoint in DeepSeek's official layout (per-expert tensors, sharded safetensors).
 
         transformers' contract: ``config``, ``state_dict`` (with ``None`` as the path), ``dtype`` (default
@@ -115,6 +116,14 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
             self.push_to_hub(repo_id, max_shard_size=max_shard_size, **kwargs)
 
 
+@dataclass
+class DeepseekMoEModelOutput(MoeModelOutputWithPast):
+    """transformers' MoE model output plus, in training, each MoE layer's routing decision (``routings``:
+    logits, scores, chosen experts and weights), from which the causal LM computes the balance losses."""
+
+    routings: tuple[RouterOutput, ...] | None = None
+
+
 class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
     """Embeddings, decoder layers and the final norm; ``mtp`` holds V3's multi-token prediction modules."""
 
@@ -136,6 +145,7 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
             self.mtp.requires_grad_(False)
         self.gradient_checkpointing = False
         self.post_init()
+        attach_training_hooks(self)  # router load counting and V3 bias updates, outside the forward
 
     @accepts_both_cache_names
     @merge_with_config_defaults
@@ -149,13 +159,12 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> MoeModelOutputWithPast:
+    ) -> DeepseekMoEModelOutput:
         """``cache`` (``past_key_values`` before transformers 5.24: either name works) holds the attention
-        cache; the output carries it under the installed release's name."""
+        cache; the output carries it under the installed release's name, and in training the MoE layers'
+        routing decisions (``routings``, for the balance losses)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if self.training:
-            track_optimizer_steps(self)  # V3 bias updates and router statistics after optimizer steps
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
@@ -167,8 +176,9 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
         causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        routings = []
         for layer in self.layers:
-            hidden_states = layer(
+            hidden_states, routing = layer(
                 hidden_states,
                 position_embeddings,
                 causal_mask,
@@ -176,18 +186,17 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
                 position_ids=position_ids,
                 **kwargs,
             )
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **with_cache(cache))
+            if routing is not None:
+                routings.append(routing)
+        return DeepseekMoEModelOutput(
+            last_hidden_state=self.norm(hidden_states), routings=tuple(routings) if self.training else None,
+            **with_cache(cache),
+        )
 
     def router_statistics(self) -> dict[str, dict]:
         """Per MoE layer: tokens per expert and MaxVio, of the last forward and the last optimizer step."""
         return router_statistics(self)
 
-    def balance_loss(self) -> torch.Tensor | None:
-        """Sum of the MoE layers' load-balancing losses of the last training forward (None if none)."""
-        losses = [layer.mlp.aux_loss for layer in self.layers if getattr(layer.mlp, "aux_loss", None) is not None]
-        if not losses:
-            return None
-        return sum(loss.to(losses[0].device) for loss in losses)
 
 
 @dataclass
@@ -207,6 +216,7 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        attach_training_hooks(self)  # keeps the last balance loss for the logs
 
     base_model_class = DeepseekMoEModel
 
@@ -225,7 +235,7 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> DeepseekMoECausalLMOutput:
         """transformers' causal-LM contract; ``cache`` or (before 5.24) ``past_key_values`` holds the cache."""
-        outputs: MoeModelOutputWithPast = self.model(
+        outputs: DeepseekMoEModelOutput = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -236,7 +246,8 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
-        aux_loss = self.model.balance_loss()
+        batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        aux_loss = model_balance_loss(outputs.routings, self.config, batch)
         loss = multi_token_loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -266,6 +277,14 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
         """Greedy decoding with V3's MTP module drafting one token per step (identical output to greedy
         ``generate``). Returns the sequence and ``{"acceptance_rate", "accepted", "drafted", "main_forwards"}``."""
         return speculative_generate(self, input_ids, max_new_tokens, eos_token_id)
+
+
+def model_balance_loss(routings: tuple[RouterOutput, ...] | None, config, batch: int) -> torch.Tensor | None:
+    """The balance losses of all MoE layers (None outside training or when the config enables none)."""
+    losses = [loss for routing in routings or () if (loss := balance_loss(routing, config, batch)) is not None]
+    if not losses:
+        return None
+    return sum(loss.to(losses[0].device) for loss in losses)
 
 
 # ---------------------------------------------------------------------- the three families

@@ -57,8 +57,9 @@ class TopKRouter(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
-        # Router statistics (not saved): tokens per expert in the last forward, accumulated over the
-        # current optimizer step (training forwards only), and over the last finished step.
+        # Router statistics (not saved; counted by training.py's hook): tokens per expert in the last
+        # forward, accumulated over the current optimizer step (training forwards only), and over the last
+        # finished step.
         for name in self.LOAD_COUNTERS:
             self.register_buffer(name, torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
 
@@ -92,17 +93,7 @@ class TopKRouter(nn.Module):
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
         if self.scales_weights(normalised):
             topk_weights = topk_weights * self.routed_scaling_factor
-        self.record_load(topk_indices)
         return RouterOutput(logits, scores, topk_indices, topk_weights)
-
-    @torch.no_grad()
-    def record_load(self, topk_indices: torch.Tensor) -> None:
-        """Count tokens per expert; in training also add them to the step's load, except when gradient
-        checkpointing recomputes this forward inside the backward pass (it would count them twice)."""
-        load = tokens_per_expert(topk_indices, self.num_experts).float()
-        self.last_forward_load.copy_(load)
-        if self.training and torch._C._current_graph_task_id() == -1:
-            self.step_load += load.to(self.step_load.device)
 
     def scales_weights(self, normalised: bool) -> bool:
         """V3 always multiplies by ``routed_scaling_factor``; V2 only when it did not normalise; V1 never."""

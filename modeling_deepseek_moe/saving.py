@@ -11,9 +11,31 @@ import shutil
 import tempfile
 
 from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils import logging
 
 from .layout import OfficialLayout, official_architecture
 from .safetensors_io import write_weights
+
+logger = logging.get_logger(__name__)
+
+
+# The files of a tokenizer saved with save_pretrained (transformers' and sentencepiece / tiktoken ones).
+TOKENIZER_FILES = re.compile(r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt"
+                             r"|chat_template\.(jinja|json)|.*\.model|.*\.tiktoken")
+
+
+def copy_tokenizer(source: str, staging: str, save_directory: str) -> list[str]:
+    """The tokenizer of the folder the model was loaded from, copied to ``staging`` unless the destination
+    already holds one (saved by ``tokenizer.save_pretrained``, which then stays as it is), so that the saved
+    folder works with AutoTokenizer and pipelines. Returns the copied names (none for a Hub repository)."""
+    if not os.path.isdir(source or "") or any(TOKENIZER_FILES.fullmatch(name) for name in os.listdir(save_directory)):
+        return []
+    names = [name for name in os.listdir(source) if TOKENIZER_FILES.fullmatch(name)]
+    for name in names:
+        shutil.copy(os.path.join(source, name), staging)
+    if names:
+        logger.info("copied the tokenizer of %s (%s) to %s", source, ", ".join(sorted(names)), save_directory)
+    return names
 
 
 def remote_code_files() -> list[str]:
@@ -66,6 +88,7 @@ def save_official_checkpoint(model, save_directory: str | os.PathLike, state_dic
         for source in remote_code_files():
             shutil.copy(source, staging)
             written.append(os.path.basename(source))
+        written += copy_tokenizer(model.name_or_path, staging, save_directory)
         for stale in os.listdir(save_directory):  # weights of an earlier save that this one does not replace
             if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale) and stale not in written:
                 os.remove(os.path.join(save_directory, stale))

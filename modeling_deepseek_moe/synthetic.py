@@ -2,7 +2,9 @@
 
 The layout is written from DeepSeek's schema alone (config.json as released, per-expert tensor names,
 sharded safetensors with an index), independently of this package's modules, so loading one is a real
-test of the loader.
+test of the loader. Each folder also carries a small tokenizer (a byte-level BPE trained on the package's
+corpus, sized to the tiny vocabulary, with DeepSeek's special tokens), so that ``AutoTokenizer``,
+``pipeline("text-generation")`` and fine-tuning work on text.
 """
 
 from __future__ import annotations
@@ -13,16 +15,22 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerFast
 
 from .layout import official_tensor_shapes
 from .fp8 import FP8_QUANTIZATION_CONFIG, quantize_tensors
+
+# A small English text about these models (what the tiny tokenizer is trained on and examples train on).
+CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "moe_notes.txt")
+# DeepSeek's special tokens (its releases' tokenizer_config.json), and a padding token for batches.
+BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 
 # Small configs in DeepSeek's own schema, one per released family.
 TINY_OFFICIAL_CONFIGS: dict[str, dict[str, Any]] = {
     "v1": {
         "model_type": "deepseek",
         "architectures": ["DeepseekForCausalLM"],
-        "vocab_size": 256,
+        "vocab_size": 512,
         "hidden_size": 64,
         "intermediate_size": 160,
         "moe_intermediate_size": 32,
@@ -52,7 +60,7 @@ TINY_OFFICIAL_CONFIGS: dict[str, dict[str, Any]] = {
     "v2": {
         "model_type": "deepseek_v2",
         "architectures": ["DeepseekV2ForCausalLM"],
-        "vocab_size": 256,
+        "vocab_size": 512,
         "hidden_size": 64,
         "intermediate_size": 160,
         "moe_intermediate_size": 32,
@@ -99,7 +107,7 @@ TINY_OFFICIAL_CONFIGS: dict[str, dict[str, Any]] = {
     "v3": {
         "model_type": "deepseek_v3",
         "architectures": ["DeepseekV3ForCausalLM"],
-        "vocab_size": 256,
+        "vocab_size": 512,
         "hidden_size": 64,
         "intermediate_size": 160,
         "moe_intermediate_size": 32,
@@ -155,6 +163,29 @@ def tiny_official_config(family: str, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+def tiny_tokenizer(config: dict[str, Any]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on :data:`CORPUS` with ``config["vocab_size"]`` tokens (at least
+    256 bytes + 3 special tokens), DeepSeek's beginning/end-of-sentence tokens at the config's
+    ``bos_token_id`` / ``eos_token_id`` and a padding token after them; it adds the BOS token, as
+    DeepSeek's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    bos, eos = config["bos_token_id"], config["eos_token_id"]
+    names = {bos: BOS_TOKEN, eos: EOS_TOKEN}  # special tokens first, at their ids; then padding
+    specials = [names.get(i, f"<｜▁unused{i}▁｜>") for i in range(max(bos, eos) + 1)] + [PAD_TOKEN]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=config["vocab_size"], special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    with open(CORPUS, encoding="utf-8") as handle:
+        tokenizer.train_from_iterator(handle.read().splitlines(), trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
+                                   pad_token=PAD_TOKEN)
+
+
 def random_official_state(config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Random weights for every official tensor. Norms near 1, router weights large enough to route
     tokens diversely, V3 correction biases of both signs (float32, as DeepSeek stores them)."""
@@ -185,8 +216,9 @@ def write_official_checkpoint(
     num_shards: int = 2,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Write ``config.json`` and ``state`` (random if None) as ``num_shards`` safetensors files with
-    ``model.safetensors.index.json``, as DeepSeek's releases are laid out. Returns the state."""
+    """Write ``config.json``, ``state`` (random if None) as ``num_shards`` safetensors files with
+    ``model.safetensors.index.json``, as DeepSeek's releases are laid out, and the tiny tokenizer. Returns
+    the state."""
     os.makedirs(directory, exist_ok=True)
     if state is None:
         state = random_official_state(config, seed=seed)
@@ -203,6 +235,7 @@ def write_official_checkpoint(
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
     with open(os.path.join(directory, "config.json"), "w") as handle:
         json.dump(config, handle, indent=2)
+    tiny_tokenizer(config).save_pretrained(directory)
     return state
 
 

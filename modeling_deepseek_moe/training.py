@@ -1,17 +1,19 @@
-"""What happens between optimizer steps: DeepSeek-V3's auxiliary-loss-free bias update and the router
+"""Training state kept out of the forward: DeepSeek-V3's auxiliary-loss-free bias update and the router
 statistics (tokens per expert, MaxVio).
 
-Routers count their tokens per expert during training forwards (not during the recomputation gradient
-checkpointing does). After each optimizer step, :func:`finish_optimizer_step` closes the step:
+Models install these hooks when they are built (:func:`attach_training_hooks`); their forward changes
+nothing. A forward hook on each router counts its tokens per expert (in training forwards also into the
+step's load, except during the recomputation gradient checkpointing does). After each optimizer step,
+:func:`finish_optimizer_step` closes the step:
 
 * V3 routers move ``e_score_correction_bias`` by ``-gamma * sign(load_i - mean_load)`` (``gamma`` =
   ``config.bias_update_speed``; loads summed over gradient-accumulation micro-batches and, when
   torch.distributed is initialised, all-reduced over the ranks);
 * every router keeps the step's load as ``last_step_load``, from which MaxVio = max/mean - 1.
 
-It runs by itself: a model that trains registers a global optimizer post-step hook, which acts on the
-optimizers that hold the model's parameters (plain loops, ``Trainer``, PEFT). :class:`RouterStatsCallback`
-adds the statistics to ``Trainer``'s logs.
+It runs by itself: a global optimizer post-step hook acts on the optimizers that hold a model's
+parameters (plain loops, ``Trainer``, PEFT). :class:`RouterStatsCallback` adds the statistics and the last
+balance loss to ``Trainer``'s logs.
 """
 
 from __future__ import annotations
@@ -23,11 +25,46 @@ import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers import TrainerCallback
 
-from .routing import TopKRouter
+from .routing import RouterOutput, TopKRouter, tokens_per_expert
 
 _TRAINING_MODELS: weakref.WeakSet = weakref.WeakSet()
 _OPTIMIZER_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _HOOK_HANDLE = None
+_HOOKED: weakref.WeakSet = weakref.WeakSet()  # modules whose hooks are installed
+_LAST_BALANCE_LOSS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # causal LM -> its last aux_loss
+
+
+def attach_training_hooks(model: torch.nn.Module) -> None:
+    """Install, once, what training needs around ``model``'s forward: the load-counting hook on each of its
+    routers, a hook keeping a causal LM's last balance loss for the logs, and the optimizer post-step hook
+    (:func:`track_optimizer_steps`). Models call this when they are built."""
+    for module in (model, *routers(model).values()):
+        if module not in _HOOKED:
+            module.register_forward_hook(_count_loads if isinstance(module, TopKRouter) else _keep_balance_loss)
+            _HOOKED.add(module)
+    track_optimizer_steps(model)
+
+
+def _inside_backward() -> bool:
+    """Whether autograd is running a backward pass, where gradient checkpointing recomputes forwards. (No
+    public torch API says so: this private call is the package's only one, kept here.)"""
+    return torch._C._current_graph_task_id() != -1
+
+
+@torch.no_grad()
+def _count_loads(router: TopKRouter, args, output: RouterOutput) -> None:
+    """Tokens per expert of the router's last forward; in training also added to the step's load, except
+    when gradient checkpointing recomputes the forward inside the backward (they would count twice)."""
+    load = tokens_per_expert(output.topk_indices, router.num_experts).float()
+    router.last_forward_load.copy_(load)
+    if router.training and not _inside_backward():
+        router.step_load += load.to(router.step_load.device)
+
+
+def _keep_balance_loss(model: torch.nn.Module, args, output) -> None:
+    """A causal LM's last balance loss, for :class:`RouterStatsCallback`."""
+    if getattr(output, "aux_loss", None) is not None:
+        _LAST_BALANCE_LOSS[model] = output.aux_loss.detach()
 
 
 def routers(model: torch.nn.Module) -> dict[str, TopKRouter]:
@@ -89,7 +126,7 @@ def _holds_parameters_of(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
 
 def track_optimizer_steps(model: torch.nn.Module) -> None:
     """Have :func:`finish_optimizer_step` run after every step of any optimizer holding ``model``'s
-    parameters. Models call this themselves on their first training forward."""
+    parameters (see :func:`attach_training_hooks`)."""
     global _HOOK_HANDLE
     _TRAINING_MODELS.add(model)
     if _HOOK_HANDLE is None:
@@ -109,9 +146,9 @@ class RouterStatsCallback(TrainerCallback):
         if violations:
             entries["moe/max_vio"] = round(sum(violations) / len(violations), 4)
             entries["moe/max_vio_worst"] = round(max(violations), 4)
-        losses = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None and m is not model]
+        losses = [_LAST_BALANCE_LOSS[m] for m in model.modules() if m in _LAST_BALANCE_LOSS]
         if losses:
-            entries["moe/aux_loss"] = round(float(sum(loss.detach().float().cpu() for loss in losses)), 6)
+            entries["moe/aux_loss"] = round(float(losses[0].float().cpu()), 6)
         logs.update(entries)
         if state.log_history:
             state.log_history[-1].update(entries)

@@ -62,9 +62,10 @@ def reference_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch
 
 
 def write_fp8_official(directory, num_shards=3, seed=0, **overrides):
-    """DeepSeek-V3 as released (FP8 weights + scales, bf16 rest, fp32 router bias, MTP) with tokenizer files."""
+    """DeepSeek-V3 as released (FP8 weights + scales, bf16 rest, fp32 router bias, MTP) with tokenizer files
+    (the tiny tokenizer's tokenizer.json and tokenizer_config.json) and a generation config."""
     write_fp8_official_checkpoint(directory, "v3", num_shards=num_shards, seed=seed, **overrides)
-    for name, text in (("tokenizer.json", '{"model": "tiny"}'), ("generation_config.json", '{"bos_token_id": 0}')):
+    for name, text in (("generation_config.json", '{"bos_token_id": 0}'),):
         with open(os.path.join(directory, name), "w") as handle:
             handle.write(text)
     return str(directory)
@@ -186,7 +187,8 @@ MP_FRIENDLY = dict(  # every split dim of a quantized weight is a multiple of 12
 def test_inference_format_round_trip(tmp_path):
     source = write_fp8_official(tmp_path / "v3", num_shards=4, **MP_FRIENDLY)
     assert main(["to-mp", source, str(tmp_path / "mp"), "--model-parallel", "2", "--drop-mtp", "--quiet"]) == 0
-    assert sorted(os.listdir(tmp_path / "mp")) == sorted([mp_file(0, 2), mp_file(1, 2), "generation_config.json", "tokenizer.json"])
+    assert sorted(os.listdir(tmp_path / "mp")) == sorted([mp_file(0, 2), mp_file(1, 2), "generation_config.json", "tokenizer.json",
+                                                           "tokenizer_config.json"])
     official = read_all(source)
     ranks = []
     for rank in range(2):
@@ -198,8 +200,8 @@ def test_inference_format_round_trip(tmp_path):
     assert bit_equal(ranks[1]["layers.0.attn.wq_b.weight"], official["model.layers.0.self_attn.q_b_proj.weight"][256:])
     assert bit_equal(ranks[1]["layers.0.attn.wo.scale"], official["model.layers.0.self_attn.o_proj.weight_scale_inv"][:, 1:])
     assert bit_equal(ranks[0]["layers.1.ffn.gate.bias"], official["model.layers.1.mlp.gate.e_score_correction_bias"])
-    assert bit_equal(ranks[1]["embed.weight"], official["model.embed_tokens.weight"][128:])
-    assert ranks[0]["head.weight"].shape == (128, 256) and "layers.0.attn_norm.weight" in ranks[1]
+    assert bit_equal(ranks[1]["embed.weight"], official["model.embed_tokens.weight"][256:])  # vocabulary 512 in 2
+    assert ranks[0]["head.weight"].shape == (256, 256) and "layers.0.attn_norm.weight" in ranks[1]
     assert not any(key.startswith("layers.2.") for rank in ranks for key in rank)
 
     assert main(["from-mp", str(tmp_path / "mp"), str(tmp_path / "back"), "--config", f"{source}/config.json", "--quiet"]) == 0

@@ -192,9 +192,11 @@ def from_mp_with_a_config_that_does_not_exist(tmp_path):
 
 @case
 def from_mp_of_rank_files_another_config_made(tmp_path):
-    config = official(tmp_path / "other", num_nextn_predict_layers=0, vocab_size=512) + "/config.json"
+    tiny = tiny_official_config("v3")
+    vocab, hidden = tiny["vocab_size"], tiny["hidden_size"]
+    config = official(tmp_path / "other", num_nextn_predict_layers=0, vocab_size=2 * vocab) + "/config.json"
     return (["from-mp", mp_folder(tmp_path), str(tmp_path / "dst"), "--config", config],
-            "model0-mp2.safetensors: tensor 'embed.weight' has shape [128, 64], expected [256, 64]")
+            f"model0-mp2.safetensors: tensor 'embed.weight' has shape [{vocab // 2}, {hidden}], expected [{vocab}, {hidden}]")
 
 
 @case

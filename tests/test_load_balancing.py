@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_deepseek_moe import DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config
+from modeling_deepseek_moe import DeepseekMoEV1Config, DeepseekMoEV1ForCausalLM, DeepseekMoEV2Config, DeepseekMoEV3Config
 from modeling_deepseek_moe import load_balancing as lb
 from modeling_deepseek_moe.moe import MoEBlock
 
@@ -98,34 +98,37 @@ def test_v3_sequence_loss_uses_normalised_sigmoid_scores():
     moe = block(config)
     moe.gate.e_score_correction_bias.normal_(0, 0.1)
     hidden = torch.randn(BATCH, SEQ, 32)
-    moe(hidden)
-    routing = moe.gate(hidden.view(-1, 32))
+    _, routing = moe(hidden)
     normalised = routing.scores / routing.scores.sum(-1, keepdim=True)
     expected = official_seq_aux(normalised.view(BATCH, SEQ, -1), routing.topk_indices.view(BATCH, SEQ, -1), 1e-4)
     assert config.aux_loss_alpha == 1e-4  # the V3 paper's alpha
-    assert moe.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert lb.balance_loss(routing, config, BATCH).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_v2_block_sums_the_enabled_losses():
     config = DeepseekMoEV2Config(**SMALL, n_group=4, topk_group=2, device_aux_loss_alpha=0.05, comm_aux_loss_alpha=0.02, seq_aux=False)
     moe = block(config)
     hidden = torch.randn(BATCH, SEQ, 32)
-    moe(hidden)
-    routing = moe.gate(hidden.view(-1, 32))
+    _, routing = moe(hidden)
     scores, indices = routing.scores.view(1, -1, EXPERTS), routing.topk_indices.view(1, -1, TOP_K)
     expected = (
         official_batch_aux(routing.scores, routing.topk_indices, 0.001)
         + lb.device_balance_loss(scores, indices, 4, 0.05)
         + lb.communication_balance_loss(scores, indices, 4, 2, 0.02)
     )
-    assert moe.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert moe.aux_loss.requires_grad
+    loss = lb.balance_loss(routing, config, BATCH)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.requires_grad
 
 
 def test_no_loss_in_eval():
-    moe = block(DeepseekMoEV1Config(**SMALL)).eval()
-    moe(torch.randn(2, 5, 32))
-    assert moe.aux_loss is None
+    config = DeepseekMoEV1Config(**SMALL, vocab_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=4, intermediate_size=48)
+    model = DeepseekMoEV1ForCausalLM(config)
+    ids = torch.randint(0, 64, (2, 5))
+    assert model(ids, labels=ids).aux_loss > 0  # built in training mode
+    model.eval()
+    assert model.model(ids).routings is None and model(ids, labels=ids).aux_loss is None
 
 
 def test_capacity_keeps_the_highest_affinity_assignments():
@@ -150,10 +153,10 @@ def test_token_dropping_only_in_training():
     hidden = torch.randn(2, 16, 32)
     moe.eval()
     with torch.no_grad():
-        full = moe(hidden)
+        full, _ = moe(hidden)
         reference = DeepseekMoEV2Config(**SMALL, topk_method="greedy")
         undropped = block(reference).eval()
         undropped.load_state_dict(moe.state_dict())
-        assert torch.allclose(full, undropped(hidden))
+        assert torch.allclose(full, undropped(hidden)[0])
         moe.train()
-        assert not torch.allclose(moe(hidden), full)
+        assert not torch.allclose(moe(hidden)[0], full)

@@ -28,7 +28,7 @@ def test_mtp_module_equals_its_formula(official_checkpoint):
         # cat(enorm(embedding of t+1), hnorm(h_t)) -> eh_proj -> decoder block -> shared_head.norm
         merged = layer.eh_proj(torch.cat((layer.enorm(base.embed_tokens(ids[:, 1:])), layer.hnorm(hidden[:, :-1])), -1))
         causal = torch.full((8, 8), float("-inf"), dtype=torch.float64).triu(1)[None, None]
-        block = DeepseekMoEDecoderLayer.forward(layer, merged, base.rotary_emb(merged, torch.arange(8)[None]), causal)
+        block, _ = DeepseekMoEDecoderLayer.forward(layer, merged, base.rotary_emb(merged, torch.arange(8)[None]), causal)
         expected = layer.shared_head.norm(block)
     assert relative_error(actual, expected) < 1e-12
 
@@ -41,10 +41,10 @@ def test_mtp_loss_is_weighted_cross_entropy_two_tokens_ahead(official_checkpoint
         hidden = model.model(ids).last_hidden_state
         states = run_mtp_module(model.model, 0, hidden[:, :-1], ids[:, 1:], torch.arange(9).unsqueeze(0))
         logits = model.lm_head(states)[:, :-1]  # position i predicts token i + 2
-        expected = 0.3 * F.cross_entropy(logits.reshape(-1, 256), ids[:, 2:].reshape(-1))
+        expected = 0.3 * F.cross_entropy(logits.reshape(-1, model.config.vocab_size), ids[:, 2:].reshape(-1))
     # transformers' loss function computes in float32 whatever the model dtype
     assert out.mtp_loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    main = F.cross_entropy(model.lm_head(hidden)[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1))
+    main = F.cross_entropy(model.lm_head(hidden)[:, :-1].reshape(-1, model.config.vocab_size), ids[:, 1:].reshape(-1))
     assert out.loss.item() == pytest.approx(main.item() + expected.item(), rel=1e-6)
 
 
