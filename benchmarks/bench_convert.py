@@ -84,7 +84,7 @@ def build_source(directory: str) -> None:
 RUNNER = """
 import json, resource, sys, time
 start = time.time()
-from modeling_deepseek_moe.conversion import main
+from deepseek_moe_convert import main
 status = main(sys.argv[1:])
 print(json.dumps({"status": status, "seconds": time.time() - start,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -96,7 +96,8 @@ def largest_shard(directory: str) -> int:
 
 
 def run(arguments: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-c", RUNNER, *arguments, "--quiet"], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", RUNNER, *arguments, "--quiet"], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's command line
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -116,7 +117,7 @@ def main() -> None:
         ("from-official", ["from-official", path("fp8"), path("ours")], "fp8", "ours"),
         ("from-official --dtype bf16", ["from-official", path("fp8"), path("ours-bf16"), "--dtype", "bf16"], "fp8", "ours-bf16"),
         ("to-official", ["to-official", path("ours"), path("official")], "ours", "official"),
-        ("to-mp --model-parallel 2", ["to-mp", path("bf16"), path("mp"), "--model-parallel", "2"], "bf16", "mp"),
+        ("to-mp --model-parallel 2", ["to-mp", path("bf16"), path("mp"), "--model-parallel", "2", "--drop-mtp"], "bf16", "mp"),
         ("from-mp", ["from-mp", path("mp"), path("from-mp"), "--config", path("bf16/config.json")], "mp", "from-mp"),
         ("merge-lora (fp8 base)", ["merge-lora", path("fp8"), path("bf16-adapter"), path("merged")], "fp8", "merged"),
         ("verify (fp8 vs bf16)", ["verify", path("fp8"), path("bf16-again")], "fp8", "bf16-again"),

@@ -2,6 +2,6 @@
 
 import sys
 
-from modeling_deepseek_moe.conversion import main
+from deepseek_moe_convert import main
 
-sys.exit(main(["to-official", *sys.argv[1:]]))
+sys.exit(main(command="to-official"))

@@ -19,15 +19,8 @@ import os
 import tempfile
 
 import torch
-from transformers import Trainer, TrainingArguments
 
-import modeling_deepseek_moe  # noqa: F401
-from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
-from modeling_deepseek_moe.synthetic import CORPUS, tiny_official_config, write_official_checkpoint
-from modeling_deepseek_moe.training import RouterStatsCallback, routers
-
-CLASSES = {"v1": DeepseekMoEV1ForCausalLM, "v2": DeepseekMoEV2ForCausalLM, "v3": DeepseekMoEV3ForCausalLM}
-TEXT = CORPUS  # the package's small English text about these models
+FAMILIES = ("v1", "v2", "v3")
 
 
 class ByteChunks(torch.utils.data.Dataset):
@@ -52,6 +45,8 @@ def biases_agree(model: torch.nn.Module) -> bool:
     """Whether every rank holds the same V3 correction biases (the bias update all-reduces the loads)."""
     import torch.distributed as dist
 
+    from modeling_deepseek_moe.training import routers
+
     biases = [r.e_score_correction_bias for r in routers(model).values() if r.e_score_correction_bias is not None]
     if not biases or not dist.is_initialized():
         return True
@@ -63,7 +58,7 @@ def biases_agree(model: torch.nn.Module) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=sorted(CLASSES), default="v3")
+    parser.add_argument("--family", choices=FAMILIES, default="v3")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 through Trainer's accelerate plugin (GPUs)")
@@ -71,10 +66,22 @@ def main() -> None:
                         help="V3's gamma; larger than DeepSeek's 0.001 because this run is 60 steps, not 14.8T tokens")
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "deepseek-moe-finetune"))
     args = parser.parse_args()
+    rank = int(os.environ.get("RANK", 0))
+    say = print if rank == 0 else (lambda *_, **__: None)
+    # transformers' Trainer takes seconds to import: say what is coming first.
+    say(f"fine-tuning a tiny {args.family.upper()} for {args.steps} steps{' with LoRA' if args.lora else ''}; "
+        "importing transformers", flush=True)
+    from transformers import Trainer, TrainingArguments
 
-    official = os.path.join(args.out, f"base-{os.environ.get('RANK', 0)}")  # one per process: the same seeded weights
+    from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
+    from modeling_deepseek_moe.synthetic import CORPUS, tiny_official_config, write_official_checkpoint
+    from modeling_deepseek_moe.training import RouterStatsCallback, routers
+
+    classes = dict(zip(FAMILIES, (DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM)))
+    official = os.path.join(args.out, f"base-{rank}")  # one per process: the same seeded weights
     write_official_checkpoint(official, tiny_official_config(args.family), num_shards=1)
-    model = CLASSES[args.family].from_pretrained(official, dtype=torch.float32, bias_update_speed=args.bias_update_speed)
+    model = classes[args.family].from_pretrained(official, dtype=torch.float32, bias_update_speed=args.bias_update_speed)
+    say(f"built and loaded {official}", flush=True)
     if args.lora:
         from peft import get_peft_model
 
@@ -87,19 +94,24 @@ def main() -> None:
     training = TrainingArguments(
         output_dir=os.path.join(args.out, "run"), max_steps=args.steps, per_device_train_batch_size=4,
         gradient_accumulation_steps=2, learning_rate=3e-3 if args.lora else 1e-3, warmup_steps=5,
-        logging_steps=10, save_strategy="no", report_to=[], use_cpu=not (args.fsdp and torch.cuda.is_available()), disable_tqdm=True, seed=0,
+        logging_steps=min(10, args.steps), save_strategy="no", report_to=[],
+        use_cpu=not (args.fsdp and torch.cuda.is_available()), disable_tqdm=False, seed=0,
         **(FSDP_ARGUMENTS if args.fsdp else {}),
     )
-    trainer = Trainer(model=model, args=training, train_dataset=ByteChunks(TEXT, 64), callbacks=[RouterStatsCallback()])
+    trainer = Trainer(model=model, args=training, train_dataset=ByteChunks(CORPUS, 64), callbacks=[RouterStatsCallback()])
     trainer.train()
     agree = biases_agree(model)  # a collective: every rank takes part
-    if not trainer.is_world_process_zero():
+    history = [entry for entry in trainer.state.log_history if "loss" in entry and "moe/max_vio" in entry]
+    main_process, accelerator = trainer.is_world_process_zero(), trainer.accelerator
+    if main_process and not args.fsdp:  # FSDP shards the parameters: gather them (get_state_dict) to save
+        trainer.save_model(os.path.join(args.out, "final"))
+    del trainer  # with the DDP wrapper that holds the process group
+    end_process_group()
+    if not main_process:
         return
     if args.fsdp:
-        print(f"accelerate's distributed type: {trainer.accelerator.distributed_type}; V3 correction biases "
-              f"identical on all {trainer.accelerator.num_processes} ranks: {agree}")
-
-    history = [entry for entry in trainer.state.log_history if "loss" in entry and "moe/max_vio" in entry]
+        print(f"accelerate's distributed type: {accelerator.distributed_type}; V3 correction biases "
+              f"identical on all {accelerator.num_processes} ranks: {agree}")
     first, last = history[0], history[-1]
     print(f"\n{'':<12}{'loss':>10}{'MaxVio (mean over layers)':>28}")
     print(f"{'first log':<12}{first['loss']:>10.3f}{first['moe/max_vio']:>28.3f}")
@@ -108,10 +120,26 @@ def main() -> None:
         moved = [(r.e_score_correction_bias - b).abs().max().item()
                  for r, b in zip([r for r in routers(model).values() if r.e_score_correction_bias is not None], biases_before)]
         print(f"largest V3 correction-bias move per layer: {[round(m, 4) for m in moved]}")
-    if args.fsdp:
-        return  # parameters are sharded: gather them (accelerator.get_state_dict) to save a whole model
-    trainer.save_model(os.path.join(args.out, "final"))
-    print(f"saved to {os.path.join(args.out, 'final')}")
+    if not args.fsdp:
+        print(f"saved to {os.path.join(args.out, 'final')}")
+
+
+def end_process_group() -> None:
+    """Destroy the process group (if any) now, once the DDP wrapper that also holds it is gone.
+
+    Left to the end of the interpreter, gloo's worker threads can still be releasing the last collective's
+    tensors, which needs the GIL, while Python finalizes: CPython then ends the thread inside a C++
+    destructor and the process aborts ("terminate called without an active exception", SIGABRT). The
+    order matters too: destroyed while DDP's reducer still holds it, the group is freed later with the
+    reducer, whose destructor keeps the GIL while it joins those threads (a deadlock). Freed here, from
+    torch's Python object for it, the GIL is released while the threads are joined."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()  # in case a reference cycle still holds the DDP wrapper
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from finetune import TEXT, ByteChunks
+from finetune import ByteChunks
 from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM
 from modeling_deepseek_moe.distributed import fully_shard_model
-from modeling_deepseek_moe.synthetic import tiny_official_config, write_official_checkpoint
+from modeling_deepseek_moe.synthetic import CORPUS, tiny_official_config, write_official_checkpoint
 from modeling_deepseek_moe.training import max_violation, routers
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     fully_shard_model(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
 
-    data = ByteChunks(TEXT, 64).chunks
+    data = ByteChunks(CORPUS, 64).chunks
     per_rank = args.batch // world
     model.train()
     for step in range(args.steps):

@@ -98,10 +98,11 @@ def parse_size(size: int | str) -> int:
     return int(float(match[1]) * (1024**power if match[3] else 1000**power))
 
 
-def plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[list[str]]:
+def plan_shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
+    """Keys in order, cut into shards of at most ``max_shard_size`` bytes (``sizes``: bytes per key; a
+    tensor larger than that is a shard of its own)."""
     shards, current, size = [], [], 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for key, nbytes in sizes.items():
         if current and size + nbytes > max_shard_size:
             shards.append(current)
             current, size = [], 0
@@ -114,7 +115,7 @@ def plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[l
 
 def write_weights(folder: str, tensors: dict[str, torch.Tensor], max_shard_size: int | str) -> list[str]:
     """Sharded safetensors (+ index when more than one file) into ``folder``; returns the file names."""
-    shards = plan_shards(tensors, parse_size(max_shard_size))
+    shards = plan_shards({key: t.numel() * t.element_size() for key, t in tensors.items()}, parse_size(max_shard_size))
     names = [SAFE_WEIGHTS_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]

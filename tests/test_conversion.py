@@ -14,7 +14,8 @@ from safetensors import safe_open
 
 from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, conversion
 from modeling_deepseek_moe.safetensors_io import CheckpointError
-from modeling_deepseek_moe.conversion import main, mp_file, verify
+from modeling_deepseek_moe.conversion import engine, model_parallel, mp_file, verify
+from deepseek_moe_convert import main
 from modeling_deepseek_moe.fp8 import FP8_DTYPE, FP8_QUANTIZATION_CONFIG, QUANTIZED_KEY, SCALE_SUFFIX
 from modeling_deepseek_moe.lora import lora_config
 from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint, write_official_checkpoint
@@ -185,7 +186,7 @@ MP_FRIENDLY = dict(  # every split dim of a quantized weight is a multiple of 12
 
 def test_inference_format_round_trip(tmp_path):
     source = write_fp8_official(tmp_path / "v3", num_shards=4, **MP_FRIENDLY)
-    assert main(["to-mp", source, str(tmp_path / "mp"), "--model-parallel", "2", "--quiet"]) == 0
+    assert main(["to-mp", source, str(tmp_path / "mp"), "--model-parallel", "2", "--drop-mtp", "--quiet"]) == 0
     assert sorted(os.listdir(tmp_path / "mp")) == sorted([mp_file(0, 2), mp_file(1, 2), "generation_config.json", "tokenizer.json",
                                                            "tokenizer_config.json"])
     official = read_all(source)
@@ -211,6 +212,22 @@ def test_inference_format_round_trip(tmp_path):
     with pytest.raises(CheckpointError, match="does not split over 3 ranks"):
         conversion.to_mp(source, str(tmp_path / "mp3"), 3, quiet=True)
     assert not os.path.exists(tmp_path / "mp3")
+
+
+def test_mtp_left_out_by_to_mp_is_said_and_explained_by_verify(tmp_path, official_checkpoint, capsys):
+    """to-mp --drop-mtp says what it leaves out; verify against the source names the MTP layer as the only
+    difference, and --ignore-mtp compares the rest (equal)."""
+    source = str(official_checkpoint("v3")[0])
+    assert main(["to-mp", source, str(tmp_path / "mp"), "--model-parallel", "2", "--drop-mtp", "--quiet"]) == 0
+    assert "leaving out V3's multi-token-prediction layer, model.layers.3 (68 tensors)" in capsys.readouterr().err
+    assert main(["from-mp", str(tmp_path / "mp"), str(tmp_path / "back"), "--config", f"{source}/config.json", "--quiet"]) == 0
+    assert main(["verify", source, str(tmp_path / "back"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"differ only in V3's multi-token-prediction layer: model.layers.3 (68 tensors) in {source} only" in err
+    assert "--ignore-mtp" in err
+    assert main(["verify", source, str(tmp_path / "back"), "--ignore-mtp", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["max_abs_diff"] == 0.0 and result["left_out"] == f"model.layers.3 (68 tensors) in {source} only"
 
 
 def lora_adapter(directory, tmp_path):
@@ -259,7 +276,7 @@ def test_merge_lora_into_an_fp8_base_requantizes(tmp_path, official_checkpoint):
 
 
 def test_interrupted_conversion_resumes_without_redoing_shards(tmp_path, fp8_v3, monkeypatch):
-    real_writer = conversion.SafetensorsWriter
+    real_writer = engine.SafetensorsWriter
     opened = []
 
     class WriterInterruptedInThirdShard(real_writer):
@@ -272,13 +289,13 @@ def test_interrupted_conversion_resumes_without_redoing_shards(tmp_path, fp8_v3,
             opened.append(self.path)
             return self
 
-    monkeypatch.setattr(conversion, "SafetensorsWriter", WriterInterruptedInThirdShard)
+    monkeypatch.setattr(engine, "SafetensorsWriter", WriterInterruptedInThirdShard)
     with pytest.raises(KeyboardInterrupt):
         conversion.dequantize(fp8_v3, str(tmp_path / "out"), quiet=True)
     assert not os.path.exists(tmp_path / "out") and os.path.isdir(tmp_path / "out.partial")
     with pytest.raises(CheckpointError, match="different conversion"):
         conversion.quantize(fp8_v3, str(tmp_path / "out"), resume=True, quiet=True)
-    monkeypatch.setattr(conversion, "SafetensorsWriter", real_writer)
+    monkeypatch.setattr(engine, "SafetensorsWriter", real_writer)
     summary = conversion.dequantize(fp8_v3, str(tmp_path / "out"), resume=True, quiet=True)
     assert summary.shards_skipped == 2
     conversion.dequantize(fp8_v3, str(tmp_path / "straight"), quiet=True)
@@ -340,10 +357,10 @@ def test_progress_bar_shows_bytes_unless_quiet(tmp_path, fp8_v3, capsys):
 
 def test_inference_format_conversions_resume_after_an_interruption(tmp_path, monkeypatch):
     source = write_fp8_official(tmp_path / "v3", num_shards=4, **MP_FRIENDLY)
-    real_write = conversion.write_tensor
+    real_write = model_parallel.write_tensor
     calls = []
-    monkeypatch.setattr(conversion, "write_tensor", lambda *args: calls.append(1) or real_write(*args))
-    conversion.to_mp(source, str(tmp_path / "mp-straight"), 2, quiet=True)
+    monkeypatch.setattr(model_parallel, "write_tensor", lambda *args: calls.append(1) or real_write(*args))
+    conversion.to_mp(source, str(tmp_path / "mp-straight"), 2, drop_mtp=True, quiet=True)
     conversion.from_mp(str(tmp_path / "mp-straight"), str(tmp_path / "back-straight"), f"{source}/config.json", quiet=True)
     total, calls = len(calls), []
 
@@ -353,15 +370,15 @@ def test_inference_format_conversions_resume_after_an_interruption(tmp_path, mon
             raise KeyboardInterrupt
         real_write(handle, offset, tensor)
 
-    monkeypatch.setattr(conversion, "write_tensor", write_then_fail)
+    monkeypatch.setattr(model_parallel, "write_tensor", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
-        conversion.to_mp(source, str(tmp_path / "mp"), 2, quiet=True)
-    monkeypatch.setattr(conversion, "write_tensor", real_write)
-    assert conversion.to_mp(source, str(tmp_path / "mp"), 2, resume=True, quiet=True).shards_skipped >= 1
+        conversion.to_mp(source, str(tmp_path / "mp"), 2, drop_mtp=True, quiet=True)
+    monkeypatch.setattr(model_parallel, "write_tensor", real_write)
+    assert conversion.to_mp(source, str(tmp_path / "mp"), 2, drop_mtp=True, resume=True, quiet=True).shards_skipped >= 1
     for rank in range(2):
         assert (tmp_path / "mp" / mp_file(rank, 2)).read_bytes() == (tmp_path / "mp-straight" / mp_file(rank, 2)).read_bytes()
 
-    real_writer = conversion.SafetensorsWriter
+    real_writer = model_parallel.SafetensorsWriter
 
     class InterruptedInSecondShard(real_writer):
         opened = 0
@@ -372,10 +389,10 @@ def test_inference_format_conversions_resume_after_an_interruption(tmp_path, mon
                 raise KeyboardInterrupt
             return self
 
-    monkeypatch.setattr(conversion, "SafetensorsWriter", InterruptedInSecondShard)
+    monkeypatch.setattr(model_parallel, "SafetensorsWriter", InterruptedInSecondShard)
     with pytest.raises(KeyboardInterrupt):
         conversion.from_mp(str(tmp_path / "mp"), str(tmp_path / "back"), f"{source}/config.json", quiet=True, max_shard_size=2**20)
-    monkeypatch.setattr(conversion, "SafetensorsWriter", real_writer)
+    monkeypatch.setattr(model_parallel, "SafetensorsWriter", real_writer)
     summary = conversion.from_mp(str(tmp_path / "mp"), str(tmp_path / "back"), f"{source}/config.json", resume=True,
                                  quiet=True, max_shard_size=2**20)
     assert summary.shards_skipped == 1

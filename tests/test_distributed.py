@@ -148,6 +148,10 @@ def _ddp_rank(rank: int, world: int, port: int, directory: str, result: str) -> 
         optimizer.step()
         optimizer.zero_grad()
     torch.save(model.lm_head.weight.detach(), f"{result}.{rank}")
+    # DDP's reducer holds the process group: freed after destroy_process_group, with the GIL held, it joins
+    # gloo's threads while one waits for the GIL to release the last all-reduce (a hang; see
+    # examples/finetune.py's end_process_group). Freed first, the group goes with its GIL-releasing Python object.
+    del ddp, model, optimizer
     dist.destroy_process_group()
 
 
