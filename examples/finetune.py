@@ -9,7 +9,8 @@ plugin (the decoder layer as the wrap unit), launched on GPUs with torchrun or `
 
 (accelerate 1.15 applies FSDP on accelerators only: on CPU processes it falls back to DDP, and says so.)
 
-Text is byte-tokenised (the tiny models have a 256-token vocabulary), so no tokenizer download is needed.
+The text is tokenised by the tiny model's own tokenizer (a byte-level BPE saved with the checkpoint), and
+the fine-tuned model is saved with it: ``pipeline("text-generation", model=OUT/final)`` works on text.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import torch
 FAMILIES = ("v1", "v2", "v3")
 
 
-class ByteChunks(torch.utils.data.Dataset):
-    """Consecutive ``length``-byte windows of a text file, as token ids (inputs = labels)."""
+class TextChunks(torch.utils.data.Dataset):
+    """Consecutive ``length``-token windows of a text file, tokenised by ``tokenizer`` (inputs = labels)."""
 
-    def __init__(self, path: str, length: int) -> None:
-        data = torch.tensor(list(open(path, "rb").read()), dtype=torch.long)
-        self.chunks = data[: len(data) // length * length].view(-1, length)
+    def __init__(self, path: str, tokenizer, length: int) -> None:
+        with open(path, encoding="utf-8") as handle:
+            ids = torch.tensor(tokenizer(handle.read(), add_special_tokens=False).input_ids, dtype=torch.long)
+        self.chunks = ids[: len(ids) // length * length].view(-1, length)
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -71,7 +73,7 @@ def main() -> None:
     # transformers' Trainer takes seconds to import: say what is coming first.
     say(f"fine-tuning a tiny {args.family.upper()} for {args.steps} steps{' with LoRA' if args.lora else ''}; "
         "importing transformers", flush=True)
-    from transformers import Trainer, TrainingArguments
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
     from modeling_deepseek_moe.synthetic import CORPUS, tiny_official_config, write_official_checkpoint
@@ -81,6 +83,7 @@ def main() -> None:
     official = os.path.join(args.out, f"base-{rank}")  # one per process: the same seeded weights
     write_official_checkpoint(official, tiny_official_config(args.family), num_shards=1)
     model = classes[args.family].from_pretrained(official, dtype=torch.float32, bias_update_speed=args.bias_update_speed)
+    tokenizer = AutoTokenizer.from_pretrained(official)
     say(f"built and loaded {official}", flush=True)
     if args.lora:
         from peft import get_peft_model
@@ -98,7 +101,9 @@ def main() -> None:
         use_cpu=not (args.fsdp and torch.cuda.is_available()), disable_tqdm=False, seed=0,
         **(FSDP_ARGUMENTS if args.fsdp else {}),
     )
-    trainer = Trainer(model=model, args=training, train_dataset=ByteChunks(CORPUS, 64), callbacks=[RouterStatsCallback()])
+    data = TextChunks(CORPUS, tokenizer, 48)
+    trainer = Trainer(model=model, args=training, train_dataset=data, processing_class=tokenizer,
+                      callbacks=[RouterStatsCallback()])
     trainer.train()
     agree = biases_agree(model)  # a collective: every rank takes part
     history = [entry for entry in trainer.state.log_history if "loss" in entry and "moe/max_vio" in entry]
