@@ -82,8 +82,9 @@ def main() -> None:
     classes = dict(zip(FAMILIES, (DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM)))
     official = os.path.join(args.out, f"base-{rank}")  # one per process: the same seeded weights
     write_official_checkpoint(official, tiny_official_config(args.family), num_shards=1)
-    model = classes[args.family].from_pretrained(official, dtype=torch.float32, bias_update_speed=args.bias_update_speed)
     tokenizer = AutoTokenizer.from_pretrained(official)
+    model = classes[args.family].from_pretrained(official, dtype=torch.float32, bias_update_speed=args.bias_update_speed,
+                                                 pad_token_id=tokenizer.pad_token_id)
     say(f"built and loaded {official}", flush=True)
     if args.lora:
         from peft import get_peft_model
