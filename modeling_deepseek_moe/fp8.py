@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fixed_dtypes import keep_dtypes_apply
+from .fp8_decode import decode_product
 from .grouped_mm import columns_product
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -214,7 +215,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     hardware has one (``mode`` "auto"/"scaled"), else the weight dequantized for this call only (in x's
     dtype, by row tiles when it exceeds ``DEQUANTIZE_BUDGET_BYTES``; float32 compute equals the
     dequantized-float32 reference). "scaled" without FP8 kernels emulates them: activations through FP8
-    per 1 x 128 group, then a float32 product."""
+    per 1 x 128 group, then a float32 product. On the CPU, without gradients, up to
+    ``fp8_decode.MAX_ROWS`` rows go through the decode kernel (:mod:`.fp8_decode`)."""
     scaled = uses_scaled_matmul(mode, x.device)
     shape = (*x.shape[:-1], weight.shape[0])
     if scaled and fp8_matmuls_available(x.device) and block == (128, 128) and weight.shape[0] % 128 == 0 \
@@ -222,6 +224,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
         output = _scaled_mm_blockwise(x.reshape(-1, x.shape[-1]), weight, scale_inv).view(shape)
         return output if bias is None else output + bias
     inputs = quantize_dequantize_activations(x, block[1]).to(x.dtype) if scaled else x
+    rows = inputs.reshape(-1, inputs.shape[-1])
+    # a few rows: the kernel reads the FP8 bytes only
+    output = decode_product(weight[None], scale_inv[None], rows, torch.tensor([rows.shape[0]]), weight.shape[0], block,
+                            rows.shape[0])
+    if output is not None:
+        return output.view(shape) if bias is None else output.view(shape) + bias
 
     def product(v: torch.Tensor, transposed: bool) -> torch.Tensor:
         height = row_tile_height(weight, v.dtype, block, DEQUANTIZE_BUDGET_BYTES)
@@ -292,12 +300,17 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torc
     forward and again in the backward (autograd keeps no dequantized copy); ``mode`` "scaled" first sends
     the activations through FP8 in 1 x 128 groups (DeepSeek's inference numerics). There is no grouped FP8
     kernel here yet, so "auto" dequantizes on every device (emulating would only add work). The products
-    run feature-major (``[in, n]`` columns), the CPU's fast form."""
+    run feature-major (``[in, n]`` columns), the CPU's fast form. On the CPU, without gradients, up to
+    ``fp8_decode.MAX_ROWS`` rows per expert go through the decode kernel (:mod:`.fp8_decode`) instead."""
     if mode == "scaled":
         rows = quantize_dequantize_activations(rows, block[1]).to(rows.dtype)
-    columns = rows.t()
     ends = offsets.tolist()
     starts = [0, *ends[:-1]]
+    most_rows = max(end - start for start, end in zip(starts, ends))
+    output = decode_product(weight, scale_inv, rows, offsets, weight.shape[1] // parts, block, most_rows)
+    if output is not None:
+        return output
+    columns = rows.t()
     active = [expert for expert, (start, end) in enumerate(zip(starts, ends)) if end > start]
     per_batch = max(1, DEQUANTIZE_BUDGET_BYTES // (weight[0].numel() * columns.element_size()))
     batches = [active[first : first + per_batch] for first in range(0, len(active), per_batch)]

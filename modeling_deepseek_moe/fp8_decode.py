@@ -1,0 +1,84 @@
+"""Decode-sized products with DeepSeek's block-wise FP8 weights on the CPU, reading one byte per weight.
+
+A few rows of activations against FP8 weights (decoding, and the routed experts of a small batch, each with
+a few rows) cost what their weight bytes cost only if the weights are converted in registers, never
+written out as floats: ``kernels/fp8_gemv.cpp`` does that (FP8 to float16 bits to float32, the block
+scale folded into the activations, several rows per weight read). It is compiled on first use with
+torch's C++ extension tools (about 20 s, then cached by torch in ``~/.cache/torch_extensions``) for the
+CPU it runs on; where that is impossible (no compiler, no AVX2/F16C, ``DEEPSEEK_MOE_FP8_KERNEL=0``), or
+for the frozen weights' backward, the dequantize path of :mod:`.fp8` serves, with the same results up to
+float32 rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "fp8_gemv.cpp")
+# Up to this many rows per weight (per expert for stacked experts) the kernel beats dequantizing the weight
+# for a GEMM on this project's CPU (measured: benchmarks/bench_fp8.py); beyond, the dequantize path.
+MAX_ROWS = 32
+_KERNEL: dict = {}
+
+
+def kernel():
+    """The compiled kernel module, or None where it cannot be built (said once, in a warning)."""
+    if "module" not in _KERNEL:
+        _KERNEL["module"] = _build()
+    return _KERNEL["module"]
+
+
+def _build():
+    if os.environ.get("DEEPSEEK_MOE_FP8_KERNEL", "1") == "0":
+        return None
+    if platform.machine() not in ("x86_64", "AMD64") or not os.path.exists(SOURCE):
+        return None  # another CPU, or a trust_remote_code folder (it carries the Python files only)
+    try:
+        from torch.utils.cpp_extension import load
+
+        with open(SOURCE, "rb") as handle:
+            source = handle.read()
+        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else platform.processor()
+        digest = hashlib.sha256(source + flags.encode() + torch.__version__.encode()).hexdigest()[:12]
+        logger.info("building the FP8 decode kernel for this CPU (once, cached by torch)")
+        return load(name=f"deepseek_moe_fp8_gemv_{digest}", sources=[SOURCE], verbose=False,
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as error:  # no compiler, no AVX2, ...: the dequantize path serves
+        logger.warning(f"the FP8 decode kernel could not be built ({type(error).__name__}: {error}); "
+                       "FP8 products dequantize their weights instead (slower for decoding)")
+        return None
+
+
+def serves(x: torch.Tensor, rows_per_weight: int) -> bool:
+    """Whether the kernel computes this product: CPU activations that need no gradient (the weights are
+    frozen; training goes through the dequantize path), at most ``MAX_ROWS`` rows against each weight."""
+    if x.device.type != "cpu" or rows_per_weight > MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    return not torch.compiler.is_compiling() and kernel() is not None
+
+
+def decode_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor,
+                   part_rows: int, block: tuple[int, int], rows_per_weight: int) -> torch.Tensor | None:
+    """:func:`grouped_rows_product` where the kernel :func:`serves` this product, else None (the caller
+    dequantizes)."""
+    if not serves(rows, rows_per_weight):
+        return None
+    return grouped_rows_product(weight, scale_inv, rows, ends, part_rows, block)
+
+
+def grouped_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor,
+                         part_rows: int, block: tuple[int, int]) -> torch.Tensor:
+    """``rows`` ``[n, in]`` grouped by expert (``ends``: int64 cumulative rows per expert) through the FP8
+    stacks ``weight`` ``[experts, out, in]`` with ``scale_inv`` ``[experts, scale rows, scale cols]``
+    (``part_rows`` apart quantized apart) -> ``[n, out]`` in the rows' dtype."""
+    output = kernel().fp8_grouped_gemv(weight.contiguous().view(torch.uint8), scale_inv.float().contiguous(),
+                                       rows.float().contiguous(), ends.to(torch.int64).cpu(), part_rows,
+                                       block[0], block[1])
+    return output.to(rows.dtype)

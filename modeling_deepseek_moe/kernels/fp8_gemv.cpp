@@ -1,0 +1,164 @@
+// Decode-sized products with DeepSeek's block-wise FP8 weights on the CPU, reading one byte per weight.
+//
+// y[r, o] = sum_i W[e, o, i] * scale[e, scale_row(o), i / block_i] * x[r, i]   for the rows r of group e
+//
+// W is float8_e4m3fn (passed as uint8), stacked [groups, out, in] (a linear layer is one group); the rows of
+// x are grouped by group (ends: cumulative row counts). Each weight is read once per group and converted
+// in registers: the e4m3 bits shifted into a float16 are the same number divided by 2^8 (subnormals too),
+// which the CPU converts to float32 (F16C); the 2^8 and the block scale are folded into a scaled copy of
+// x. Rows `part_rows` apart were quantized apart (a routed expert's gate and up projections), each part
+// with its own grid of scale rows. Results are float32.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// One float8_e4m3fn weight as float32 / 2^8 (NaN, which no checkpoint holds, reads as 480 / 2^8).
+inline float fp8_times_2_pow_minus_8(uint8_t bits) {
+  uint16_t half = static_cast<uint16_t>((bits & 0x80) << 8 | (bits & 0x7F) << 7);
+  return _cvtsh_ss(half);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr int64_t kLanes = 16;
+// 16 weights -> 16 floats (/ 2^8): sign-extend to 16 bits, shift the 7 magnitude bits into the float16
+// exponent and mantissa, clear the copy of the sign that lands in the float16 exponent's top bit.
+inline __m512 load16(const uint8_t* p) {
+  __m256i bits = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  bits = _mm256_and_si256(_mm256_slli_epi16(bits, 7), _mm256_set1_epi16(static_cast<short>(0xBFFF)));
+  return _mm512_cvtph_ps(bits);
+}
+inline __m512 zero() { return _mm512_setzero_ps(); }
+inline __m512 fma(__m512 a, const float* b, __m512 c) { return _mm512_fmadd_ps(a, _mm512_loadu_ps(b), c); }
+inline __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+inline float sum(__m512 v) { return _mm512_reduce_add_ps(v); }
+using Vec = __m512;
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+constexpr int64_t kLanes = 8;
+inline __m256 load16(const uint8_t* p) {  // 8 weights
+  __m128i bits = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  bits = _mm_and_si128(_mm_slli_epi16(bits, 7), _mm_set1_epi16(static_cast<short>(0xBFFF)));
+  return _mm256_cvtph_ps(bits);
+}
+inline __m256 zero() { return _mm256_setzero_ps(); }
+inline __m256 fma(__m256 a, const float* b, __m256 c) { return _mm256_fmadd_ps(a, _mm256_loadu_ps(b), c); }
+inline __m256 add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+inline float sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+using Vec = __m256;
+#else
+#error "the FP8 decode kernel needs AVX2 with F16C and FMA (or AVX-512)"
+#endif
+
+constexpr int64_t kMaxRows = 16;  // rows of one group processed together (each weight read once for them)
+
+// Dot products of R weight rows with M rows of scaled x: R x M accumulators in registers. Each 16 weights
+// are converted once and used for the M rows, each 16 values of x loaded once for the R weight rows.
+template <int R, int M>
+inline void dot_block(const uint8_t* rows, const float* scaled, int64_t in, float* out, int64_t out_stride) {
+  Vec acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < M; ++j) acc[r][j] = zero();
+  int64_t i = 0;
+  for (; i + kLanes <= in; i += kLanes) {
+    Vec values[R];
+    if (i % 64 == 0) {  // the next block's rows, a cache line at a time: weights stream from memory once
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows + (R + r) * in + i), _MM_HINT_T0);
+    }
+    for (int r = 0; r < R; ++r) values[r] = load16(rows + r * in + i);
+    for (int j = 0; j < M; ++j) {
+      for (int r = 0; r < R; ++r) acc[r][j] = fma(values[r], scaled + j * in + i, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < M; ++j) {
+      float value = sum(acc[r][j]);
+      for (int64_t k = i; k < in; ++k) value += fp8_times_2_pow_minus_8(rows[r * in + k]) * scaled[j * in + k];
+      out[j * out_stride + r] = value;
+    }
+  }
+}
+
+// Output rows [o, o_end) for M rows of scaled x: blocks of R weight rows, then one at a time.
+template <int R, int M>
+inline void dot_rows(const uint8_t* weight, const float* scaled, int64_t in, int64_t o, int64_t o_end,
+                     float* out, int64_t out_stride) {
+  for (; o + R <= o_end; o += R) dot_block<R, M>(weight + o * in, scaled, in, out + o, out_stride);
+  for (; o < o_end; ++o) dot_block<1, M>(weight + o * in, scaled, in, out + o, out_stride);
+}
+
+struct Tile {
+  int64_t group, first_row, rows, out_begin, out_end;
+};
+
+}  // namespace
+
+at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& x,
+                            const at::Tensor& ends, int64_t part_rows, int64_t block_o, int64_t block_i) {
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kByte && weight.is_contiguous(), "weight: uint8 [groups, out, in]");
+  TORCH_CHECK(scale.dim() == 3 && scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale: float32 [groups, rows, cols]");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [n, in]");
+  TORCH_CHECK(ends.scalar_type() == at::kLong && ends.numel() == weight.size(0), "ends: int64 [groups]");
+  const int64_t groups = weight.size(0), out = weight.size(1), in = weight.size(2), n = x.size(0);
+  TORCH_CHECK(x.size(1) == in, "x has ", x.size(1), " columns, the weight ", in);
+  const int64_t part_scale_rows = (part_rows + block_o - 1) / block_o, scale_cols = scale.size(2);
+  auto y = at::zeros({n, out}, x.options());
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const float* s = scale.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t* end = ends.data_ptr<int64_t>();
+
+  // Work: every group with rows, in tiles of output rows that share one scale row, and chunks of at most
+  // kMaxRows rows of x.
+  std::vector<Tile> tiles;
+  int64_t start = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t r = start; r < end[g]; r += kMaxRows) {
+      const int64_t rows = std::min(kMaxRows, end[g] - r);
+      for (int64_t o = 0; o < out;) {
+        const int64_t part_end = (o / part_rows + 1) * part_rows;
+        const int64_t block_end = std::min(part_end, o - o % part_rows + ((o % part_rows) / block_o + 1) * block_o);
+        tiles.push_back({g, r, rows, o, std::min(block_end, out)});
+        o = std::min(block_end, out);
+      }
+    }
+    start = end[g];
+  }
+
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t first, int64_t last) {
+    std::vector<float> scaled(kMaxRows * in);  // x of the tile's rows, times the block scales and 2^8
+    for (int64_t t = first; t < last; ++t) {
+      const Tile& tile = tiles[t];
+      const int64_t o0 = tile.out_begin;
+      const int64_t scale_row = (o0 / part_rows) * part_scale_rows + (o0 % part_rows) / block_o;
+      const float* block_scales = s + (tile.group * scale.size(1) + scale_row) * scale_cols;
+      for (int64_t j = 0; j < tile.rows; ++j) {
+        const float* xr = xp + (tile.first_row + j) * in;
+        for (int64_t b = 0; b * block_i < in; ++b) {
+          const float factor = block_scales[b] * 256.0f;
+          for (int64_t i = b * block_i; i < std::min(in, (b + 1) * block_i); ++i) scaled[j * in + i] = xr[i] * factor;
+        }
+      }
+      const uint8_t* wg = w + tile.group * out * in;
+      float* target = yp + tile.first_row * out;
+      // The tile's rows of x in runs of 4, 2, 1, each against blocks of weight rows (R x M accumulators).
+      int64_t j = 0;
+      for (; j + 4 <= tile.rows; j += 4) dot_rows<4, 4>(wg, scaled.data() + j * in, in, o0, tile.out_end, target + j * out, out);
+      for (; j + 2 <= tile.rows; j += 2) dot_rows<4, 2>(wg, scaled.data() + j * in, in, o0, tile.out_end, target + j * out, out);
+      for (; j < tile.rows; ++j) dot_rows<8, 1>(wg, scaled.data() + j * in, in, o0, tile.out_end, target + j * out, out);
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fp8_grouped_gemv", &fp8_grouped_gemv, "decode-sized products with block-wise FP8 weights");
+}

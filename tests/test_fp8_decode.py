@@ -1,0 +1,109 @@
+"""The FP8 decode kernel (modeling_deepseek_moe/fp8_decode.py): a few rows against block-wise FP8 weights,
+read one byte per weight, equal to the product with the dequantized float32 weight."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import torch
+
+from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, fp8, fp8_decode
+from modeling_deepseek_moe.fp8 import dequantize_fp8_blockwise, dequantize_stacked, quantize_fp8_blockwise, quantize_stacked
+from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
+
+from conftest import relative_error
+
+BUILDS_HERE = platform.machine() in ("x86_64", "AMD64") and shutil.which("c++") is not None
+
+
+def test_the_kernel_builds_where_a_compiler_and_x86_vectors_are():
+    if not BUILDS_HERE:
+        pytest.skip("the kernel is x86 (AVX2/AVX-512) and needs a C++ compiler")
+    assert fp8_decode.kernel() is not None
+
+
+@pytest.fixture
+def decode_kernel():
+    if fp8_decode.kernel() is None:
+        pytest.skip("no FP8 decode kernel on this machine (the dequantize path serves)")
+
+
+@pytest.mark.parametrize("block", [(128, 128), (16, 16), (16, 32)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 17, 32])  # runs of 4, 2, 1 rows; more than one chunk of 16
+def test_linear_equals_the_dequantized_float32_product(decode_kernel, block, rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight, scale_inv = quantize_fp8_blockwise(torch.randn(200, 300, generator=generator), block)  # partial blocks
+    x, bias = torch.randn(rows, 300, generator=generator), torch.randn(200, generator=generator)
+    expected = torch.nn.functional.linear(x, dequantize_fp8_blockwise(weight, scale_inv, block=block), bias)
+    with torch.no_grad():
+        output = fp8.fp8_linear(x, weight, scale_inv, bias, mode="dequantize", block=block)
+    assert relative_error(output, expected) < 1e-6
+
+
+def test_grouped_experts_with_gate_and_up_quantized_apart_and_empty_experts(decode_kernel):
+    block, half = (16, 16), 40  # gate and up of 40 rows each: the second part starts inside a block row
+    weight, scale_inv = quantize_stacked(torch.randn(6, 2 * half, 56), 2, block)
+    counts = [2, 0, 5, 1, 0, 17]
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    rows = torch.randn(sum(counts), 56)
+    dense = dequantize_stacked(weight, scale_inv, 2, torch.float32, block)
+    expert_of_row = torch.repeat_interleave(torch.arange(6), torch.tensor(counts))
+    expected = torch.einsum("noi,ni->no", dense[expert_of_row], rows)
+    with torch.no_grad():
+        output = fp8.fp8_grouped_linear(weight, scale_inv, rows, offsets, 2, "dequantize", block)
+    assert relative_error(output, expected) < 1e-6
+
+
+def test_bf16_activations_within_bf16_rounding(decode_kernel):
+    weight, scale_inv = quantize_fp8_blockwise(torch.randn(256, 384))
+    x = torch.randn(4, 384).bfloat16()
+    expected = x.float() @ dequantize_fp8_blockwise(weight, scale_inv).t()
+    with torch.no_grad():
+        output = fp8.fp8_linear(x, weight, scale_inv, mode="dequantize")
+    assert output.dtype == torch.bfloat16
+    assert relative_error(output, expected) < 2 ** -8  # the result rounded once to bf16
+
+
+def test_served_only_without_gradients_and_up_to_max_rows(decode_kernel, monkeypatch):
+    calls = []
+    real = fp8_decode.grouped_rows_product
+    monkeypatch.setattr(fp8_decode, "grouped_rows_product", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    weight, scale_inv = quantize_fp8_blockwise(torch.randn(128, 128))
+    x = torch.randn(2, 128, requires_grad=True)
+    fp8.fp8_linear(x, weight, scale_inv, mode="dequantize").sum().backward()  # training: dequantize path
+    with torch.no_grad():
+        fp8.fp8_linear(x, weight, scale_inv, mode="dequantize")
+        fp8.fp8_linear(torch.randn(fp8_decode.MAX_ROWS + 1, 128), weight, scale_inv, mode="dequantize")
+    assert calls == [2] and x.grad is not None
+
+
+def test_model_logits_and_greedy_tokens_with_and_without_the_kernel(decode_kernel, tmp_path, monkeypatch):
+    write_fp8_official_checkpoint(tmp_path, "v3")
+    model = DeepseekMoEV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, fp8_compute="dequantize")
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = fp8_decode.grouped_rows_product
+    monkeypatch.setattr(fp8_decode, "grouped_rows_product", lambda *a: calls.append(1) or real(*a))
+
+    def decode():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                              output_scores=True, return_dict_in_generate=True)
+
+    with_kernel = decode()
+    assert calls, "the decode steps went around the kernel"
+    monkeypatch.setattr(fp8_decode, "MAX_ROWS", 0)  # every product dequantizes its weight
+    without = decode()
+    assert torch.equal(with_kernel.sequences, without.sequences)
+    for a, b in zip(with_kernel.scores, without.scores):
+        assert relative_error(a, b) < 1e-5
+
+
+def test_without_a_kernel_the_dequantize_path_serves(monkeypatch):
+    monkeypatch.setitem(fp8_decode._KERNEL, "module", None)  # as where it cannot be built
+    weight, scale_inv = quantize_fp8_blockwise(torch.randn(128, 256))
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        output = fp8.fp8_linear(x, weight, scale_inv, mode="dequantize")
+    assert relative_error(output, x @ dequantize_fp8_blockwise(weight, scale_inv).t()) < 1e-6
