@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fixed_dtypes import keep_dtypes_apply
-from .fp8_decode import decode_product
+from .fp8_cpu import decode_product
+from .fp8_cpu import dequantize as dequantize_by_kernel
 from .grouped_mm import columns_product
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -96,6 +97,9 @@ def dequantize_fp8_blockwise(
             f"weight_scale_inv has shape {list(scale_inv.shape)}, expected {list(expected)} for a weight "
             f"{list(weight.shape)} in {block[0]}x{block[1]} blocks"
         )
+    fast = dequantize_by_kernel(weight, scale_inv, dtype, block)
+    if fast is not None:
+        return fast
     values, factor = _fp8_as_float32(weight)
     scales = scale_inv.float() * factor  # exact: factor is a power of two
     if rows % block[0] == 0 and cols % block[1] == 0:  # whole blocks: scale in place, by broadcasting
@@ -216,7 +220,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     dtype, by row tiles when it exceeds ``DEQUANTIZE_BUDGET_BYTES``; float32 compute equals the
     dequantized-float32 reference). "scaled" without FP8 kernels emulates them: activations through FP8
     per 1 x 128 group, then a float32 product. On the CPU, without gradients, up to
-    ``fp8_decode.MAX_ROWS`` rows go through the decode kernel (:mod:`.fp8_decode`)."""
+    ``fp8_cpu.MAX_ROWS`` rows go through the decode kernel (:mod:`.fp8_cpu`)."""
     scaled = uses_scaled_matmul(mode, x.device)
     shape = (*x.shape[:-1], weight.shape[0])
     if scaled and fp8_matmuls_available(x.device) and block == (128, 128) and weight.shape[0] % 128 == 0 \
@@ -301,7 +305,7 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torc
     the activations through FP8 in 1 x 128 groups (DeepSeek's inference numerics). There is no grouped FP8
     kernel here yet, so "auto" dequantizes on every device (emulating would only add work). The products
     run feature-major (``[in, n]`` columns), the CPU's fast form. On the CPU, without gradients, up to
-    ``fp8_decode.MAX_ROWS`` rows per expert go through the decode kernel (:mod:`.fp8_decode`) instead."""
+    ``fp8_cpu.MAX_ROWS`` rows per expert go through the decode kernel (:mod:`.fp8_cpu`) instead."""
     if mode == "scaled":
         rows = quantize_dequantize_activations(rows, block[1]).to(rows.dtype)
     ends = offsets.tolist()

@@ -25,7 +25,7 @@ from modeling_deepseek_moe import (
     DeepseekMoEV3ForCausalLM,
     DeepseekMoEV3ForSequenceClassification,
     DeepseekMoEV3Model,
-    fp8_decode,
+    fp8_cpu,
 )
 
 from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
@@ -109,7 +109,7 @@ def test_trust_remote_code_in_a_process_without_the_package(official_checkpoint,
         directory = tmp_path / "fp8"
         write_fp8_official_checkpoint(directory, "v3")
         # the copied code carries no C++ source, so its FP8 products dequantize: the reference does the same
-        monkeypatch.setattr(fp8_decode, "MAX_ROWS", 0)
+        monkeypatch.setattr(fp8_cpu, "MAX_ROWS", 0)
     else:
         directory, _, _ = official_checkpoint("v3")
     model = DeepseekMoEV3ForCausalLM.from_pretrained(directory)

@@ -13,7 +13,7 @@ import os
 from peft import get_peft_model
 from safetensors.torch import load_file
 
-from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM, dispatch, fp8, fp8_decode
+from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM, dispatch, fp8, fp8_cpu
 from modeling_deepseek_moe.configuration import DeepseekMoEV3Config
 from modeling_deepseek_moe.experts import ExpertChunk
 from modeling_deepseek_moe.fp8 import (
@@ -208,7 +208,7 @@ def test_products_dequantize_a_bounded_batch_of_experts_at_a_time(fp8_checkpoint
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     calls = []
     real = fp8.dequantize_stacked
-    monkeypatch.setattr(fp8_decode, "MAX_ROWS", 0)  # the dequantize path (decode-sized products take the kernel)
+    monkeypatch.setattr(fp8_cpu, "MAX_ROWS", 0)  # the dequantize path (decode-sized products take the kernel)
     monkeypatch.setattr(fp8, "dequantize_stacked", lambda weight, *a: calls.append(weight.shape[0]) or real(weight, *a))
     with torch.no_grad():
         whole = model(ids).logits

@@ -1,4 +1,4 @@
-"""The FP8 decode kernel (modeling_deepseek_moe/fp8_decode.py): a few rows against block-wise FP8 weights,
+"""The FP8 decode kernel (modeling_deepseek_moe/fp8_cpu.py): a few rows against block-wise FP8 weights,
 read one byte per weight, equal to the product with the dequantized float32 weight."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, fp8, fp8_decode
+from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, fp8, fp8_cpu
 from modeling_deepseek_moe.fp8 import dequantize_fp8_blockwise, dequantize_stacked, quantize_fp8_blockwise, quantize_stacked
 from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
 
@@ -21,12 +21,12 @@ BUILDS_HERE = platform.machine() in ("x86_64", "AMD64") and shutil.which("c++") 
 def test_the_kernel_builds_where_a_compiler_and_x86_vectors_are():
     if not BUILDS_HERE:
         pytest.skip("the kernel is x86 (AVX2/AVX-512) and needs a C++ compiler")
-    assert fp8_decode.kernel() is not None
+    assert fp8_cpu.kernel() is not None
 
 
 @pytest.fixture
 def decode_kernel():
-    if fp8_decode.kernel() is None:
+    if fp8_cpu.kernel() is None:
         pytest.skip("no FP8 decode kernel on this machine (the dequantize path serves)")
 
 
@@ -68,14 +68,14 @@ def test_bf16_activations_within_bf16_rounding(decode_kernel):
 
 def test_served_only_without_gradients_and_up_to_max_rows(decode_kernel, monkeypatch):
     calls = []
-    real = fp8_decode.grouped_rows_product
-    monkeypatch.setattr(fp8_decode, "grouped_rows_product", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    real = fp8_cpu.grouped_rows_product
+    monkeypatch.setattr(fp8_cpu, "grouped_rows_product", lambda *a: calls.append(a[2].shape[0]) or real(*a))
     weight, scale_inv = quantize_fp8_blockwise(torch.randn(128, 128))
     x = torch.randn(2, 128, requires_grad=True)
     fp8.fp8_linear(x, weight, scale_inv, mode="dequantize").sum().backward()  # training: dequantize path
     with torch.no_grad():
         fp8.fp8_linear(x, weight, scale_inv, mode="dequantize")
-        fp8.fp8_linear(torch.randn(fp8_decode.MAX_ROWS + 1, 128), weight, scale_inv, mode="dequantize")
+        fp8.fp8_linear(torch.randn(fp8_cpu.MAX_ROWS + 1, 128), weight, scale_inv, mode="dequantize")
     assert calls == [2] and x.grad is not None
 
 
@@ -84,8 +84,8 @@ def test_model_logits_and_greedy_tokens_with_and_without_the_kernel(decode_kerne
     model = DeepseekMoEV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, fp8_compute="dequantize")
     ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
     calls = []
-    real = fp8_decode.grouped_rows_product
-    monkeypatch.setattr(fp8_decode, "grouped_rows_product", lambda *a: calls.append(1) or real(*a))
+    real = fp8_cpu.grouped_rows_product
+    monkeypatch.setattr(fp8_cpu, "grouped_rows_product", lambda *a: calls.append(1) or real(*a))
 
     def decode():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
@@ -93,7 +93,7 @@ def test_model_logits_and_greedy_tokens_with_and_without_the_kernel(decode_kerne
 
     with_kernel = decode()
     assert calls, "the decode steps went around the kernel"
-    monkeypatch.setattr(fp8_decode, "MAX_ROWS", 0)  # every product dequantizes its weight
+    monkeypatch.setattr(fp8_cpu, "MAX_ROWS", 0)  # every product dequantizes its weight
     without = decode()
     assert torch.equal(with_kernel.sequences, without.sequences)
     for a, b in zip(with_kernel.scores, without.scores):
@@ -101,9 +101,20 @@ def test_model_logits_and_greedy_tokens_with_and_without_the_kernel(decode_kerne
 
 
 def test_without_a_kernel_the_dequantize_path_serves(monkeypatch):
-    monkeypatch.setitem(fp8_decode._KERNEL, "module", None)  # as where it cannot be built
+    monkeypatch.setitem(fp8_cpu._KERNEL, "module", None)  # as where it cannot be built
     weight, scale_inv = quantize_fp8_blockwise(torch.randn(128, 256))
     x = torch.randn(1, 256)
     with torch.no_grad():
         output = fp8.fp8_linear(x, weight, scale_inv, mode="dequantize")
     assert relative_error(output, x @ dequantize_fp8_blockwise(weight, scale_inv).t()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, block", [((200, 300), (16, 16)), ((3, 64, 48), (16, 32)), ((5, 700), (1, 128)),
+                                          ((256, 384), (128, 128))])
+def test_kernel_dequantization_is_bit_identical_to_the_torch_path(decode_kernel, monkeypatch, shape, block, dtype):
+    weight, scale_inv = quantize_fp8_blockwise(torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 3, block)
+    by_kernel = dequantize_fp8_blockwise(weight, scale_inv, dtype, block)
+    monkeypatch.setitem(fp8_cpu._KERNEL, "module", None)
+    by_torch = dequantize_fp8_blockwise(weight, scale_inv, dtype, block)
+    assert by_kernel.dtype == dtype and torch.equal(by_kernel, by_torch)

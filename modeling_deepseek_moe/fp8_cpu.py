@@ -1,13 +1,15 @@
-"""Decode-sized products with DeepSeek's block-wise FP8 weights on the CPU, reading one byte per weight.
+"""DeepSeek's block-wise FP8 weights on the CPU: decode-sized products that read one byte per weight, and
+a fast dequantization for the larger products.
 
 A few rows of activations against FP8 weights (decoding, and the routed experts of a small batch, each with
 a few rows) cost what their weight bytes cost only if the weights are converted in registers, never
-written out as floats: ``kernels/fp8_gemv.cpp`` does that (FP8 to float16 bits to float32, the block
+written out as floats: ``kernels/fp8_cpu.cpp`` does that (FP8 to float16 bits to float32, the block
 scale folded into the activations, several rows per weight read). It is compiled on first use with
 torch's C++ extension tools (about 20 s, then cached by torch in ``~/.cache/torch_extensions``) for the
 CPU it runs on; where that is impossible (no compiler, no AVX2/F16C, ``DEEPSEEK_MOE_FP8_KERNEL=0``), or
 for the frozen weights' backward, the dequantize path of :mod:`.fp8` serves, with the same results up to
-float32 rounding.
+float32 rounding. That path's dequantization runs in the same kernel module where it is built
+(:func:`dequantize`, bit-identical to the torch code it replaces).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "fp8_gemv.cpp")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "fp8_cpu.cpp")
 # Up to this many rows per weight (per expert for stacked experts) the kernel beats dequantizing the weight
 # for a GEMM on this project's CPU (measured: benchmarks/bench_fp8.py); beyond, the dequantize path.
-MAX_ROWS = 32
+MAX_ROWS = 16
 _KERNEL: dict = {}
 
 
@@ -48,7 +50,7 @@ def _build():
         flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else platform.processor()
         digest = hashlib.sha256(source + flags.encode() + torch.__version__.encode()).hexdigest()[:12]
         logger.info("building the FP8 decode kernel for this CPU (once, cached by torch)")
-        return load(name=f"deepseek_moe_fp8_gemv_{digest}", sources=[SOURCE], verbose=False,
+        return load(name=f"deepseek_moe_fp8_cpu_{digest}", sources=[SOURCE], verbose=False,
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no AVX2, ...: the dequantize path serves
         logger.warning(f"the FP8 decode kernel could not be built ({type(error).__name__}: {error}); "
@@ -71,6 +73,21 @@ def decode_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Te
     if not serves(rows, rows_per_weight):
         return None
     return grouped_rows_product(weight, scale_inv, rows, ends, part_rows, block)
+
+
+def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: tuple[int, int]) -> torch.Tensor | None:
+    """FP8 ``weight`` ``[..., rows, cols]`` times its block scales (``scale_inv`` ``[..., scale rows, scale
+    cols]``) as ``dtype``, by the kernel: the numbers of :func:`.fp8.dequantize_fp8_blockwise`'s torch path
+    (float32, or float32 rounded to bfloat16), about 10x faster. None where the kernel does not serve (another
+    device or dtype, compiling, no kernel)."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.float8_e4m3fn or dtype not in (torch.float32, torch.bfloat16)
+            or torch.compiler.is_compiling() or kernel() is None):
+        return None
+    rows, cols = weight.shape[-2:]
+    output = kernel().fp8_dequantize(weight.reshape(-1, rows, cols).view(torch.uint8),
+                                     scale_inv.float().reshape(-1, *scale_inv.shape[-2:]).contiguous(), block[0], block[1],
+                                     dtype == torch.bfloat16)
+    return output.view(weight.shape)
 
 
 def grouped_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor,

@@ -1,4 +1,5 @@
-// Decode-sized products with DeepSeek's block-wise FP8 weights on the CPU, reading one byte per weight.
+// DeepSeek's block-wise FP8 weights on the CPU: decode-sized products that read one byte per weight
+// (fp8_grouped_gemv), and dequantization into float32 or bfloat16 for larger products (fp8_dequantize).
 //
 // y[r, o] = sum_i W[e, o, i] * scale[e, scale_row(o), i / block_i] * x[r, i]   for the rows r of group e
 //
@@ -12,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -35,6 +37,15 @@ inline __m512 zero() { return _mm512_setzero_ps(); }
 inline __m512 fma(__m512 a, const float* b, __m512 c) { return _mm512_fmadd_ps(a, _mm512_loadu_ps(b), c); }
 inline __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
 inline float sum(__m512 v) { return _mm512_reduce_add_ps(v); }
+inline __m512 scale(__m512 a, float factor) { return _mm512_mul_ps(a, _mm512_set1_ps(factor)); }
+inline void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// float32 -> bfloat16 rounded to nearest even, as torch rounds (no NaN in a dequantized weight)
+inline void store(uint16_t* p, __m512 v) {
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
 using Vec = __m512;
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 constexpr int64_t kLanes = 8;
@@ -51,6 +62,15 @@ inline float sum(__m256 v) {
   s = _mm_hadd_ps(s, s);
   s = _mm_hadd_ps(s, s);
   return _mm_cvtss_f32(s);
+}
+inline __m256 scale(__m256 a, float factor) { return _mm256_mul_ps(a, _mm256_set1_ps(factor)); }
+inline void store(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store(uint16_t* p, __m256 v) {  // float32 -> bfloat16, nearest even
+  __m256i bits = _mm256_castps_si256(v);
+  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 using Vec = __m256;
 #else
@@ -92,6 +112,32 @@ inline void dot_rows(const uint8_t* weight, const float* scaled, int64_t in, int
                      float* out, int64_t out_stride) {
   for (; o + R <= o_end; o += R) dot_block<R, M>(weight + o * in, scaled, in, out + o, out_stride);
   for (; o < o_end; ++o) dot_block<1, M>(weight + o * in, scaled, in, out + o, out_stride);
+}
+
+inline void store_scalar(float* p, float v) { *p = v; }
+inline void store_scalar(uint16_t* p, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  *p = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// Rows [first, last) of weight [groups * rows, cols] times their block scales, into out (float or bf16 bits).
+template <typename T>
+void dequantize_rows(const uint8_t* w, const float* s, T* out, int64_t first, int64_t last, int64_t rows,
+                     int64_t cols, int64_t scale_rows, int64_t scale_cols, int64_t block_o, int64_t block_i) {
+  for (int64_t row = first; row < last; ++row) {
+    const int64_t group = row / rows, r = row % rows;
+    const float* block_scales = s + (group * scale_rows + r / block_o) * scale_cols;
+    const uint8_t* source = w + row * cols;
+    T* target = out + row * cols;
+    for (int64_t b = 0; b < scale_cols; ++b) {
+      const float factor = block_scales[b] * 256.0f;
+      const int64_t end = std::min(cols, (b + 1) * block_i);
+      int64_t i = b * block_i;
+      for (; i + kLanes <= end; i += kLanes) store(target + i, scale(load16(source + i), factor));
+      for (; i < end; ++i) store_scalar(target + i, fp8_times_2_pow_minus_8(source[i]) * factor);
+    }
+  }
 }
 
 struct Tile {
@@ -159,6 +205,31 @@ at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, c
   return y;
 }
 
+// weight [groups, rows, cols] (uint8 bits of float8_e4m3fn) with scale [groups, scale rows, scale cols] ->
+// float32 or bfloat16: the same numbers as torch's float32 dequantization (rounded to bfloat16 as torch does).
+at::Tensor fp8_dequantize(const at::Tensor& weight, const at::Tensor& scale, int64_t block_o, int64_t block_i,
+                          bool bfloat16) {
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kByte && weight.is_contiguous(), "weight: uint8 [groups, rows, cols]");
+  TORCH_CHECK(scale.dim() == 3 && scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale: float32 [groups, rows, cols]");
+  const int64_t rows = weight.size(1), cols = weight.size(2), total = weight.size(0) * rows;
+  const int64_t scale_rows = scale.size(1), scale_cols = scale.size(2);
+  TORCH_CHECK(scale_rows == (rows + block_o - 1) / block_o && scale_cols == (cols + block_i - 1) / block_i, "scale grid");
+  auto out = at::empty(weight.sizes(), weight.options().dtype(bfloat16 ? at::kBFloat16 : at::kFloat));
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const float* s = scale.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, total, grain, [&](int64_t first, int64_t last) {
+    if (bfloat16) {
+      dequantize_rows(w, s, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), first, last, rows, cols,
+                      scale_rows, scale_cols, block_o, block_i);
+    } else {
+      dequantize_rows(w, s, out.data_ptr<float>(), first, last, rows, cols, scale_rows, scale_cols, block_o, block_i);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_grouped_gemv", &fp8_grouped_gemv, "decode-sized products with block-wise FP8 weights");
+  m.def("fp8_dequantize", &fp8_dequantize, "block-wise FP8 weights to float32 or bfloat16");
 }
