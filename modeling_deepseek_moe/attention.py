@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, eager_atten
 
 from .configuration import DeepseekMoEConfig
 from .fp8 import FP8Linear, fp8_settings, projection
+from .fp8_cpu import head_rows_product
 from .norm import RMSNorm
 from .rope import apply_rotary_interleaved, softmax_scale
 
@@ -124,12 +125,7 @@ class MultiHeadLatentAttention(nn.Module):
         causal shortcut; a pre-allocated static cache holds slots beyond them)."""
         batch, _, new, _ = query_nope.shape
         total = latent.shape[2]
-        weight = self.kv_b_proj.weight
-        if isinstance(self.kv_b_proj, FP8Linear):  # dequantized at the first step, kept for the next ones
-            weight = self.kv_b_proj.dequantized_weight(latent.dtype, keep=True)
-        weight = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        key_weight, value_weight = weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
-        query_latent = torch.einsum("bhsd,hdc->bhsc", query_nope, key_weight)  # [batch, heads, new, kv_lora_rank]
+        query_latent = self.through_kv_b_heads(query_nope, values=False)  # [batch, heads, new, kv_lora_rank]
         scores = query_latent @ latent.transpose(-1, -2) + query_rope @ key_rope.transpose(-1, -2)
         scores = scores.float() * self.scaling  # [batch, heads, new, total]
         if attention_mask is None:  # sdpa's causal shortcut (no padding): slot k is visible from position >= k
@@ -144,8 +140,25 @@ class MultiHeadLatentAttention(nn.Module):
             scores = scores + attention_mask[..., :total]
         probabilities = scores.softmax(dim=-1).to(latent.dtype)
         context = probabilities @ latent  # [batch, heads, new, kv_lora_rank]
-        output = torch.einsum("bhsc,hvc->bshv", context, value_weight)
+        output = self.through_kv_b_heads(context, values=True).transpose(1, 2)  # [batch, new, heads, v_head_dim]
         return output.reshape(batch, new, self.num_heads * self.v_head_dim), probabilities
+
+    def through_kv_b_heads(self, x: torch.Tensor, values: bool) -> torch.Tensor:
+        """``kv_b_proj`` applied head by head in the latent space: queries ``[batch, heads, new, qk_nope]``
+        through each head's key rows -> ``[batch, heads, new, kv_lora_rank]``, or (``values``) attended
+        latents ``[batch, heads, new, kv_lora_rank]`` through its value rows -> ``[batch, heads, new, v_head]``.
+        An FP8 ``kv_b_proj`` is read in place on the CPU (:func:`.fp8_cpu.head_rows_product`); elsewhere it is
+        dequantized at the first step and kept for the next ones."""
+        first, count = (self.qk_nope_head_dim, self.v_head_dim) if values else (0, self.qk_nope_head_dim)
+        weight = self.kv_b_proj.weight
+        if isinstance(self.kv_b_proj, FP8Linear):
+            output = head_rows_product(weight, self.kv_b_proj.weight_scale_inv, self.kv_b_proj.block, self.num_heads,
+                                       first, count, x, transposed=not values)
+            if output is not None:
+                return output
+            weight = self.kv_b_proj.dequantized_weight(x.dtype, keep=True)
+        rows = weight.view(self.num_heads, -1, self.kv_lora_rank)[:, first : first + count]
+        return torch.einsum("bhsc,hvc->bhsv", x, rows) if values else torch.einsum("bhsd,hdc->bhsc", x, rows)
 
     def forward(
         self,

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, fp8, fp8_cpu
+from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, attention, fp8, fp8_cpu
 from modeling_deepseek_moe.fp8 import dequantize_fp8_blockwise, dequantize_stacked, quantize_fp8_blockwise, quantize_stacked
 from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
 
@@ -118,3 +118,36 @@ def test_kernel_dequantization_is_bit_identical_to_the_torch_path(decode_kernel,
     monkeypatch.setitem(fp8_cpu._KERNEL, "module", None)
     by_torch = dequantize_fp8_blockwise(weight, scale_inv, dtype, block)
     assert by_kernel.dtype == dtype and torch.equal(by_kernel, by_torch)
+
+
+@pytest.mark.parametrize("heads, nope, v, latent, block", [(4, 128, 128, 512, (128, 128)), (3, 16, 32, 64, (16, 16))])
+@pytest.mark.parametrize("batch, seq", [(1, 1), (2, 3)])
+def test_kv_b_head_rows_read_in_place(decode_kernel, heads, nope, v, latent, block, batch, seq):
+    weight, scale_inv = quantize_fp8_blockwise(torch.randn(heads * (nope + v), latent), block)
+    dense = dequantize_fp8_blockwise(weight, scale_inv, block=block).view(heads, nope + v, latent)
+    query, context = torch.randn(batch, heads, seq, nope), torch.randn(batch, heads, seq, latent)
+    with torch.no_grad():
+        query_latent = fp8_cpu.head_rows_product(weight, scale_inv, block, heads, 0, nope, query, transposed=True)
+        values = fp8_cpu.head_rows_product(weight, scale_inv, block, heads, nope, v, context, transposed=False)
+    assert relative_error(query_latent, torch.einsum("bhsd,hdc->bhsc", query, dense[:, :nope])) < 1e-6
+    assert relative_error(values, torch.einsum("bhsc,hvc->bhsv", context, dense[:, nope:])) < 1e-6
+
+
+def test_absorbed_decoding_reads_an_fp8_kv_b_proj_in_place(decode_kernel, tmp_path, monkeypatch):
+    # heads of 128 + 128 rows: each head's key and value rows are whole 128 x 128 scale blocks, as in V3
+    write_fp8_official_checkpoint(tmp_path, "v3", num_attention_heads=2, qk_nope_head_dim=128, v_head_dim=128,
+                                  kv_lora_rank=128)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = fp8_cpu.head_rows_product
+    monkeypatch.setattr(attention, "head_rows_product", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outputs = {}
+    for mode in ("decode", "never"):
+        model = DeepseekMoEV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, mla_absorb=mode)
+        outputs[mode] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                                       output_scores=True, return_dict_in_generate=True)
+        if mode == "decode":  # no float copy of kv_b_proj kept
+            assert calls and all("_dequantized" not in layer.self_attn.kv_b_proj.__dict__ for layer in model.model.layers)
+    assert torch.equal(outputs["decode"].sequences, outputs["never"].sequences)
+    for a, b in zip(outputs["decode"].scores, outputs["never"].scores):
+        assert relative_error(a, b) < 1e-5

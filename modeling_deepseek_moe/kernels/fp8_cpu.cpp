@@ -37,6 +37,7 @@ inline __m512 zero() { return _mm512_setzero_ps(); }
 inline __m512 fma(__m512 a, const float* b, __m512 c) { return _mm512_fmadd_ps(a, _mm512_loadu_ps(b), c); }
 inline __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
 inline float sum(__m512 v) { return _mm512_reduce_add_ps(v); }
+inline __m512 fma_scalar(__m512 a, float b, __m512 c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(b), c); }
 inline __m512 scale(__m512 a, float factor) { return _mm512_mul_ps(a, _mm512_set1_ps(factor)); }
 inline void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 // float32 -> bfloat16 rounded to nearest even, as torch rounds (no NaN in a dequantized weight)
@@ -63,6 +64,7 @@ inline float sum(__m256 v) {
   s = _mm_hadd_ps(s, s);
   return _mm_cvtss_f32(s);
 }
+inline __m256 fma_scalar(__m256 a, float b, __m256 c) { return _mm256_fmadd_ps(a, _mm256_set1_ps(b), c); }
 inline __m256 scale(__m256 a, float factor) { return _mm256_mul_ps(a, _mm256_set1_ps(factor)); }
 inline void store(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline void store(uint16_t* p, __m256 v) {  // float32 -> bfloat16, nearest even
@@ -146,12 +148,20 @@ struct Tile {
 
 }  // namespace
 
-at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& x,
-                            const at::Tensor& ends, int64_t part_rows, int64_t block_o, int64_t block_i) {
-  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kByte && weight.is_contiguous(), "weight: uint8 [groups, out, in]");
-  TORCH_CHECK(scale.dim() == 3 && scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale: float32 [groups, rows, cols]");
+// Groups may lie apart (each head's rows of MLA's kv_b_proj): rows within a group are contiguous, groups
+// stride(0) apart, in the weight and in the scales alike.
+void check_grouped(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& x, const at::Tensor& ends) {
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kByte && weight.stride(2) == 1 &&
+              weight.stride(1) == weight.size(2), "weight: uint8 [groups, out, in], rows contiguous");
+  TORCH_CHECK(scale.dim() == 3 && scale.scalar_type() == at::kFloat && scale.stride(2) == 1 &&
+              scale.stride(1) == scale.size(2), "scale: float32 [groups, rows, cols], rows contiguous");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [n, in]");
   TORCH_CHECK(ends.scalar_type() == at::kLong && ends.numel() == weight.size(0), "ends: int64 [groups]");
+}
+
+at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& x,
+                            const at::Tensor& ends, int64_t part_rows, int64_t block_o, int64_t block_i) {
+  check_grouped(weight, scale, x, ends);
   const int64_t groups = weight.size(0), out = weight.size(1), in = weight.size(2), n = x.size(0);
   TORCH_CHECK(x.size(1) == in, "x has ", x.size(1), " columns, the weight ", in);
   const int64_t part_scale_rows = (part_rows + block_o - 1) / block_o, scale_cols = scale.size(2);
@@ -185,7 +195,7 @@ at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, c
       const Tile& tile = tiles[t];
       const int64_t o0 = tile.out_begin;
       const int64_t scale_row = (o0 / part_rows) * part_scale_rows + (o0 % part_rows) / block_o;
-      const float* block_scales = s + (tile.group * scale.size(1) + scale_row) * scale_cols;
+      const float* block_scales = s + tile.group * scale.stride(0) + scale_row * scale_cols;
       for (int64_t j = 0; j < tile.rows; ++j) {
         const float* xr = xp + (tile.first_row + j) * in;
         for (int64_t b = 0; b * block_i < in; ++b) {
@@ -193,13 +203,53 @@ at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, c
           for (int64_t i = b * block_i; i < std::min(in, (b + 1) * block_i); ++i) scaled[j * in + i] = xr[i] * factor;
         }
       }
-      const uint8_t* wg = w + tile.group * out * in;
+      const uint8_t* wg = w + tile.group * weight.stride(0);
       float* target = yp + tile.first_row * out;
       // The tile's rows of x in runs of 4, 2, 1, each against blocks of weight rows (R x M accumulators).
       int64_t j = 0;
       for (; j + 4 <= tile.rows; j += 4) dot_rows<4, 4>(wg, scaled.data() + j * in, in, o0, tile.out_end, target + j * out, out);
       for (; j + 2 <= tile.rows; j += 2) dot_rows<4, 2>(wg, scaled.data() + j * in, in, o0, tile.out_end, target + j * out, out);
       for (; j < tile.rows; ++j) dot_rows<8, 1>(wg, scaled.data() + j * in, in, o0, tile.out_end, target + j * out, out);
+    }
+  });
+  return y;
+}
+
+// The transposed product, y[r, :] = sum_k x[r, k] * W[g, k, :] * scale (MLA's queries folded into the
+// latent space through each head's key rows): per row of x and 8 vectors of output columns, accumulators in
+// registers across all k. Needs block_i and the columns in whole vectors.
+at::Tensor fp8_grouped_gemv_transposed(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& x,
+                                       const at::Tensor& ends, int64_t block_o, int64_t block_i) {
+  check_grouped(weight, scale, x, ends);
+  const int64_t groups = weight.size(0), depth = weight.size(1), cols = weight.size(2), n = x.size(0);
+  TORCH_CHECK(x.size(1) == depth, "x has ", x.size(1), " columns, the weight ", depth, " rows");
+  TORCH_CHECK(block_i % kLanes == 0 && cols % kLanes == 0, "block and columns in whole vectors of ", kLanes);
+  constexpr int64_t kChunk = 8 * kLanes;
+  const int64_t chunks = (cols + kChunk - 1) / kChunk, scale_cols = scale.size(2);
+  auto y = at::empty({n, cols}, x.options());
+  std::vector<int64_t> group_of(n);
+  for (int64_t g = 0, r = 0; g < groups; ++g)
+    for (; r < ends.data_ptr<int64_t>()[g]; ++r) group_of[r] = g;
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const float* s = scale.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n * chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t r = t / chunks, c0 = (t % chunks) * kChunk, width = std::min(kChunk, cols - c0) / kLanes;
+      const uint8_t* wg = w + group_of[r] * weight.stride(0);
+      const float* sg = s + group_of[r] * scale.stride(0);
+      Vec acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = zero();
+      for (int64_t k = 0; k < depth; ++k) {
+        const float xk = xp[r * depth + k] * 256.0f;
+        const float* row_scales = sg + (k / block_o) * scale_cols;
+        for (int64_t j = 0; j < width; ++j) {
+          const int64_t c = c0 + j * kLanes;
+          acc[j] = fma_scalar(load16(wg + k * cols + c), xk * row_scales[c / block_i], acc[j]);
+        }
+      }
+      for (int64_t j = 0; j < width; ++j) store(yp + r * cols + c0 + j * kLanes, acc[j]);
     }
   });
   return y;
@@ -231,5 +281,6 @@ at::Tensor fp8_dequantize(const at::Tensor& weight, const at::Tensor& scale, int
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_grouped_gemv", &fp8_grouped_gemv, "decode-sized products with block-wise FP8 weights");
+  m.def("fp8_grouped_gemv_transposed", &fp8_grouped_gemv_transposed, "x @ W per group, block-wise FP8 W");
   m.def("fp8_dequantize", &fp8_dequantize, "block-wise FP8 weights to float32 or bfloat16");
 }
