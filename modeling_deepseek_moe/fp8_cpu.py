@@ -95,10 +95,8 @@ def grouped_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: to
     """``rows`` ``[n, in]`` grouped by expert (``ends``: int64 cumulative rows per expert) through the FP8
     stacks ``weight`` ``[experts, out, in]`` with ``scale_inv`` ``[experts, scale rows, scale cols]``
     (``part_rows`` apart quantized apart) -> ``[n, out]`` in the rows' dtype."""
-    output = kernel().fp8_grouped_gemv(weight.contiguous().view(torch.uint8), scale_inv.float().contiguous(),
-                                       rows.float().contiguous(), ends.to(torch.int64).cpu(), part_rows,
-                                       block[0], block[1])
-    return output.to(rows.dtype)
+    return kernel().fp8_grouped_gemv(weight.contiguous().view(torch.uint8), scale_inv.float().contiguous(), rows,
+                                     ends.to(torch.int64).cpu(), part_rows, block[0], block[1])
 
 
 def head_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], heads: int, first: int,
@@ -117,10 +115,10 @@ def head_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor, block: tupl
     rows = slice(first, first + count)
     slices = weight.view(heads, per_head, cols)[:, rows].view(torch.uint8)  # views: groups lie apart
     scales = scale_inv.float().view(heads, per_head // block[0], -1)[:, first // block[0] : (first + count) // block[0]]
-    inputs = x.transpose(0, 1).reshape(heads * batch * seq, x.shape[-1]).float().contiguous()
+    inputs = x.transpose(0, 1).reshape(heads * batch * seq, x.shape[-1])
     ends = torch.arange(1, heads + 1) * (batch * seq)
     if transposed:
         output = kernel().fp8_grouped_gemv_transposed(slices, scales, inputs, ends, block[0], block[1])
     else:
         output = kernel().fp8_grouped_gemv(slices, scales, inputs, ends, count, block[0], block[1])
-    return output.view(heads, batch, seq, -1).transpose(0, 1).to(x.dtype)
+    return output.view(heads, batch, seq, -1).transpose(0, 1)

@@ -8,7 +8,7 @@
 // in registers: the e4m3 bits shifted into a float16 are the same number divided by 2^8 (subnormals too),
 // which the CPU converts to float32 (F16C); the 2^8 and the block scale are folded into a scaled copy of
 // x. Rows `part_rows` apart were quantized apart (a routed expert's gate and up projections), each part
-// with its own grid of scale rows. Results are float32.
+// with its own grid of scale rows. Accumulation is float32; results come in the rows' dtype (float32, bf16).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -159,8 +159,9 @@ void check_grouped(const at::Tensor& weight, const at::Tensor& scale, const at::
   TORCH_CHECK(ends.scalar_type() == at::kLong && ends.numel() == weight.size(0), "ends: int64 [groups]");
 }
 
-at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& x,
+at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& rows,
                             const at::Tensor& ends, int64_t part_rows, int64_t block_o, int64_t block_i) {
+  const at::Tensor x = rows.to(at::kFloat).contiguous();  // bf16 rows: converted here, the result back at the end
   check_grouped(weight, scale, x, ends);
   const int64_t groups = weight.size(0), out = weight.size(1), in = weight.size(2), n = x.size(0);
   TORCH_CHECK(x.size(1) == in, "x has ", x.size(1), " columns, the weight ", in);
@@ -212,14 +213,15 @@ at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, c
       for (; j < tile.rows; ++j) dot_rows<8, 1>(wg, scaled.data() + j * in, in, o0, tile.out_end, target + j * out, out);
     }
   });
-  return y;
+  return y.to(rows.scalar_type());
 }
 
 // The transposed product, y[r, :] = sum_k x[r, k] * W[g, k, :] * scale (MLA's queries folded into the
 // latent space through each head's key rows): per row of x and 8 vectors of output columns, accumulators in
 // registers across all k. Needs block_i and the columns in whole vectors.
-at::Tensor fp8_grouped_gemv_transposed(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& x,
+at::Tensor fp8_grouped_gemv_transposed(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& rows,
                                        const at::Tensor& ends, int64_t block_o, int64_t block_i) {
+  const at::Tensor x = rows.to(at::kFloat).contiguous();
   check_grouped(weight, scale, x, ends);
   const int64_t groups = weight.size(0), depth = weight.size(1), cols = weight.size(2), n = x.size(0);
   TORCH_CHECK(x.size(1) == depth, "x has ", x.size(1), " columns, the weight ", depth, " rows");
@@ -252,7 +254,7 @@ at::Tensor fp8_grouped_gemv_transposed(const at::Tensor& weight, const at::Tenso
       for (int64_t j = 0; j < width; ++j) store(yp + r * cols + c0 + j * kLanes, acc[j]);
     }
   });
-  return y;
+  return y.to(rows.scalar_type());
 }
 
 // weight [groups, rows, cols] (uint8 bits of float8_e4m3fn) with scale [groups, scale rows, scale cols] ->
