@@ -97,6 +97,8 @@ def dequantize_fp8_blockwise(
             f"weight_scale_inv has shape {list(scale_inv.shape)}, expected {list(expected)} for a weight "
             f"{list(weight.shape)} in {block[0]}x{block[1]} blocks"
         )
+    if torch.compiler.is_compiling():  # opaque (see _fp8_dequantize below)
+        return torch.ops.deepseek_moe.fp8_dequantize(weight, scale_inv, dtype, block[0], block[1])
     fast = dequantize_by_kernel(weight, scale_inv, dtype, block)
     if fast is not None:
         return fast
@@ -108,6 +110,23 @@ def dequantize_fp8_blockwise(
     else:
         values.mul_(_expand_blocks(scales, rows, cols, block))
     return values.to(dtype)
+
+
+# Compiled, dequantization is one opaque operator running the eager code above: Inductor's CPU code for the
+# scale expansion (repeat_interleave / index // block, then cropped to a partial edge block) gives wrong
+# numbers in torch 2.13 (e.g. a [64, 160] weight), and eagerly the kernel serves.
+def _fp8_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block_rows: int,
+                    block_cols: int) -> torch.Tensor:
+    return dequantize_fp8_blockwise(weight, scale_inv, dtype, (block_rows, block_cols))
+
+
+torch.library.custom_op("deepseek_moe::fp8_dequantize", _fp8_dequantize, mutates_args=(),
+                        schema="(Tensor weight, Tensor scale_inv, ScalarType dtype, int block_rows, int block_cols) -> Tensor")
+
+
+@torch.library.register_fake("deepseek_moe::fp8_dequantize")
+def _fp8_dequantize_shape(weight, scale_inv, dtype, block_rows, block_cols) -> torch.Tensor:
+    return weight.new_empty(weight.shape, dtype=dtype)
 
 
 def quantize_tensors(tensors: dict[str, torch.Tensor], scale_fmt: str = "float") -> dict[str, torch.Tensor]:
@@ -220,7 +239,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     dtype, by row tiles when it exceeds ``DEQUANTIZE_BUDGET_BYTES``; float32 compute equals the
     dequantized-float32 reference). "scaled" without FP8 kernels emulates them: activations through FP8
     per 1 x 128 group, then a float32 product. On the CPU, without gradients, up to
-    ``fp8_cpu.MAX_ROWS`` rows go through the decode kernel (:mod:`.fp8_cpu`)."""
+    ``fp8_cpu.MAX_ROWS`` rows go through the decode kernel (:mod:`.fp8_cpu`). Compiled, the product is
+    the opaque grouped FP8 operator (see :func:`fp8_grouped_linear`)."""
     scaled = uses_scaled_matmul(mode, x.device)
     shape = (*x.shape[:-1], weight.shape[0])
     if scaled and fp8_matmuls_available(x.device) and block == (128, 128) and weight.shape[0] % 128 == 0 \
@@ -229,6 +249,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
         return output if bias is None else output + bias
     inputs = quantize_dequantize_activations(x, block[1]).to(x.dtype) if scaled else x
     rows = inputs.reshape(-1, inputs.shape[-1])
+    if torch.compiler.is_compiling():  # the grouped FP8 operator with one group (opaque, as it)
+        ends = torch.full((1,), rows.shape[0], dtype=torch.int32, device=rows.device)
+        output = torch.ops.deepseek_moe.fp8_grouped_rows(rows, weight[None], scale_inv[None], ends, 1, *block).view(shape)
+        return output if bias is None else output + bias
     # a few rows: the kernel reads the FP8 bytes only
     output = decode_product(weight[None], scale_inv[None], rows, torch.tensor([rows.shape[0]]), weight.shape[0], block,
                             rows.shape[0])
@@ -264,6 +288,7 @@ class FP8Linear(nn.Linear):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32, keep: bool = False) -> torch.Tensor:
         """The weight as ``dtype``. ``keep=True`` keeps that copy for later calls (absorbed MLA decoding
         reads ``kv_b_proj`` at every step: dequantized once, not per step); changing the weight drops it."""
+        keep = keep and not torch.compiler.is_compiling()  # a compiled graph keeps nothing on the module
         cached = self.__dict__.get("_dequantized")
         if keep and cached is not None and cached.dtype == dtype and cached.device == self.weight.device:
             return cached
@@ -305,27 +330,37 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torc
     the activations through FP8 in 1 x 128 groups (DeepSeek's inference numerics). There is no grouped FP8
     kernel here yet, so "auto" dequantizes on every device (emulating would only add work). The products
     run feature-major (``[in, n]`` columns), the CPU's fast form. On the CPU, without gradients, up to
-    ``fp8_cpu.MAX_ROWS`` rows per expert go through the decode kernel (:mod:`.fp8_cpu`) instead."""
+    ``fp8_cpu.MAX_ROWS`` rows per expert go through the decode kernel (:mod:`.fp8_cpu`) instead. Compiled,
+    the product is one opaque operator (it reads its offsets on the host)."""
     if mode == "scaled":
         rows = quantize_dequantize_activations(rows, block[1]).to(rows.dtype)
+    if torch.compiler.is_compiling():
+        return torch.ops.deepseek_moe.fp8_grouped_rows(rows, weight, scale_inv, offsets, parts, block[0], block[1])
     ends = offsets.tolist()
-    starts = [0, *ends[:-1]]
-    most_rows = max(end - start for start, end in zip(starts, ends))
+    most_rows = max(end - start for start, end in zip([0, *ends[:-1]], ends))
     output = decode_product(weight, scale_inv, rows, offsets, weight.shape[1] // parts, block, most_rows)
     if output is not None:
         return output
-    columns = rows.t()
+    return frozen_product(rows.t(), _dequantizing_product(weight, scale_inv, ends, parts, block)).t()
+
+
+def _dequantizing_product(weight: torch.Tensor, scale_inv: torch.Tensor, ends: list[int], parts: int,
+                          block: tuple[int, int]) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+    """``product(columns, transposed)`` for :func:`frozen_product`: feature-major ``columns`` ``[in, n]``
+    through each expert's dequantized weight (or its transpose), experts in batches within the budget, an
+    expert over it by row tiles."""
+    starts = [0, *ends[:-1]]
     active = [expert for expert, (start, end) in enumerate(zip(starts, ends)) if end > start]
-    per_batch = max(1, DEQUANTIZE_BUDGET_BYTES // (weight[0].numel() * columns.element_size()))
-    batches = [active[first : first + per_batch] for first in range(0, len(active), per_batch)]
-    # An expert over the budget (DeepSeek-V3's gate/up: 117 MB in float32) goes by row tiles.
-    tile_rows = row_tile_height(weight, columns.dtype, block, DEQUANTIZE_BUDGET_BYTES, parts)
 
     def product(inputs: torch.Tensor, transposed: bool) -> torch.Tensor:
-        if not batches:
+        if not active:
             return inputs.new_zeros(weight.shape[2 if transposed else 1], inputs.shape[1])
+        per_batch = max(1, DEQUANTIZE_BUDGET_BYTES // (weight[0].numel() * inputs.element_size()))
+        # An expert over the budget (DeepSeek-V3's gate/up: 117 MB in float32) goes by row tiles.
+        tile_rows = row_tile_height(weight, inputs.dtype, block, DEQUANTIZE_BUDGET_BYTES, parts)
         outputs = []
-        for experts in batches:
+        for first in range(0, len(active), per_batch):
+            experts = active[first : first + per_batch]
             if tile_rows < weight.shape[1]:  # batches of one expert
                 (expert,) = experts
                 rows = inputs[:, starts[expert] : ends[expert]].t()  # feature-major -> rows, and back
@@ -344,7 +379,52 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torc
                                            inputs[:, begin : ends[experts[-1]]], local_offsets))
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
-    return frozen_product(columns, product).t()
+    return product
+
+
+# The grouped FP8 product as one opaque operator for compile and export (as grouped_mm's): inside, it runs
+# eagerly, offsets read on the host; its backward is the transposed product, dequantizing again.
+def _fp8_grouped_rows(rows: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, offsets: torch.Tensor,
+                      parts: int, block_rows: int, block_cols: int) -> torch.Tensor:
+    # contiguous, as the shape function says (the eager product may return a transposed view)
+    return fp8_grouped_linear(weight, scale_inv, rows, offsets, parts, "dequantize", (block_rows, block_cols)).contiguous()
+
+
+def _fp8_grouped_rows_backward(grad: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, offsets: torch.Tensor,
+                               parts: int, block_rows: int, block_cols: int) -> torch.Tensor:
+    product = _dequantizing_product(weight, scale_inv, offsets.tolist(), parts, (block_rows, block_cols))
+    return product(grad.t().contiguous(), True).t()
+
+
+_FP8_GROUPED_SCHEMA = "Tensor weight, Tensor scale_inv, Tensor offsets, int parts, int block_rows, int block_cols) -> Tensor"
+torch.library.custom_op("deepseek_moe::fp8_grouped_rows", _fp8_grouped_rows, mutates_args=(),
+                        schema="(Tensor rows, " + _FP8_GROUPED_SCHEMA)
+torch.library.custom_op("deepseek_moe::fp8_grouped_rows_backward", _fp8_grouped_rows_backward, mutates_args=(),
+                        schema="(Tensor grad, " + _FP8_GROUPED_SCHEMA)
+
+
+@torch.library.register_fake("deepseek_moe::fp8_grouped_rows")
+def _fp8_grouped_rows_shape(rows, weight, scale_inv, offsets, parts, block_rows, block_cols) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], weight.shape[1])
+
+
+@torch.library.register_fake("deepseek_moe::fp8_grouped_rows_backward")
+def _fp8_grouped_rows_backward_shape(grad, weight, scale_inv, offsets, parts, block_rows, block_cols) -> torch.Tensor:
+    return grad.new_empty(grad.shape[0], weight.shape[2])
+
+
+def _fp8_grouped_rows_setup(ctx, inputs, output) -> None:
+    _, weight, scale_inv, offsets, *ctx.settings = inputs
+    ctx.save_for_backward(weight, scale_inv, offsets)
+
+
+def _fp8_grouped_rows_autograd(ctx, grad: torch.Tensor):
+    grad_rows = torch.ops.deepseek_moe.fp8_grouped_rows_backward(grad, *ctx.saved_tensors, *ctx.settings)
+    return grad_rows, None, None, None, None, None, None
+
+
+torch.library.register_autograd("deepseek_moe::fp8_grouped_rows", _fp8_grouped_rows_autograd,
+                                setup_context=_fp8_grouped_rows_setup)
 
 
 def stacked_scale_shape(experts: int, rows: int, cols: int, parts: int, block: tuple[int, int] = BLOCK) -> tuple[int, int, int]:
