@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, eager_attention_forward
 
+from .bnb4bit import PACKED_DTYPE, dequantize_linear_4bit
 from .configuration import DeepseekMoEConfig
 from .fp8 import FP8Linear, fp8_settings, projection
 from .norm import RMSNorm
@@ -127,6 +128,8 @@ class MultiHeadLatentAttention(nn.Module):
         weight = self.kv_b_proj.weight
         if isinstance(self.kv_b_proj, FP8Linear):  # dequantized at the first step, kept for the next ones
             weight = self.kv_b_proj.dequantized_weight(latent.dtype, keep=True)
+        elif weight.dtype == PACKED_DTYPE:  # bitsandbytes 4-bit (Linear4bit), dequantized for this step
+            weight = dequantize_linear_4bit(weight).to(latent.dtype)
         weight = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         key_weight, value_weight = weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
         query_latent = torch.einsum("bhsd,hdc->bhsc", query_nope, key_weight)  # [batch, heads, new, kv_lora_rank]

@@ -18,7 +18,7 @@ from torch import nn
 
 from .fixed_dtypes import keep_dtypes_apply
 from .fp8_decode import decode_product
-from .grouped_mm import columns_product
+from .frozen import DEQUANTIZE_BUDGET_BYTES, frozen_grouped_linear, frozen_product, select_experts
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -120,31 +120,6 @@ def quantize_tensors(tensors: dict[str, torch.Tensor], scale_fmt: str = "float")
 
 # ---------------------------------------------------------------------- compute
 FP8_COMPUTE_MODES = ("auto", "dequantize", "scaled")
-# Dequantized weights one grouped product may hold at a time (the rest of the model stays FP8). Small, so
-# that the allocator hands the same buffer back (fresh pages of a large one cost more than dequantizing).
-DEQUANTIZE_BUDGET_BYTES = 4 * 2**20
-
-
-class _FrozenProduct(torch.autograd.Function):
-    """``product(x)`` for a product with frozen (FP8) weights; the backward applies its transpose to the
-    gradient, so autograd keeps the FP8 weights only (dequantized again) instead of a float copy."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, product: Callable[[torch.Tensor, bool], torch.Tensor]) -> torch.Tensor:
-        ctx.product = product
-        return product(x, False)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        return ctx.product(grad.contiguous(), True), None
-
-
-def frozen_product(x: torch.Tensor, product: Callable[[torch.Tensor, bool], torch.Tensor]) -> torch.Tensor:
-    """``product(x, transposed=False)``, differentiable in ``x`` through ``product(grad, transposed=True)``."""
-    return _FrozenProduct.apply(x, product)
-
-
 def fp8_matmuls_available(device: torch.device) -> bool:
     """Whether ``device`` multiplies FP8 matrices natively (CUDA compute capability >= 8.9)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
@@ -310,37 +285,17 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torc
     output = decode_product(weight, scale_inv, rows, offsets, weight.shape[1] // parts, block, most_rows)
     if output is not None:
         return output
-    columns = rows.t()
-    active = [expert for expert, (start, end) in enumerate(zip(starts, ends)) if end > start]
-    per_batch = max(1, DEQUANTIZE_BUDGET_BYTES // (weight[0].numel() * columns.element_size()))
-    batches = [active[first : first + per_batch] for first in range(0, len(active), per_batch)]
     # An expert over the budget (DeepSeek-V3's gate/up: 117 MB in float32) goes by row tiles.
-    tile_rows = row_tile_height(weight, columns.dtype, block, DEQUANTIZE_BUDGET_BYTES, parts)
+    tile_rows = row_tile_height(weight, rows.dtype, block, DEQUANTIZE_BUDGET_BYTES, parts)
 
-    def product(inputs: torch.Tensor, transposed: bool) -> torch.Tensor:
-        if not batches:
-            return inputs.new_zeros(weight.shape[2 if transposed else 1], inputs.shape[1])
-        outputs = []
-        for experts in batches:
-            if tile_rows < weight.shape[1]:  # batches of one expert
-                (expert,) = experts
-                rows = inputs[:, starts[expert] : ends[expert]].t()  # feature-major -> rows, and back
-                outputs.append(row_tiled_linear(rows, weight[expert], scale_inv[expert], transposed, tile_rows, block).t())
-                continue
-            if experts[-1] - experts[0] == len(experts) - 1:  # consecutive experts: views, no copy
-                chosen = slice(experts[0], experts[-1] + 1)
-                stack, scales = weight[chosen], scale_inv[chosen]
-            else:
-                index = torch.tensor(experts, device=weight.device)
-                stack, scales = weight.index_select(0, index), scale_inv.index_select(0, index)
-            dense = dequantize_stacked(stack, scales, parts, inputs.dtype, block)
-            begin = starts[experts[0]]
-            local_offsets = torch.tensor([ends[e] - begin for e in experts], dtype=torch.int32, device=inputs.device)
-            outputs.append(columns_product(dense.transpose(1, 2) if transposed else dense,
-                                           inputs[:, begin : ends[experts[-1]]], local_offsets))
-        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+    def dequantize(experts: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_stacked(select_experts(weight, experts), select_experts(scale_inv, experts), parts, dtype, block)
 
-    return frozen_product(columns, product).t()
+    def row_tiled(expert: int, expert_rows: torch.Tensor, transposed: bool) -> torch.Tensor:
+        return row_tiled_linear(expert_rows, weight[expert], scale_inv[expert], transposed, tile_rows, block)
+
+    return frozen_grouped_linear(rows, offsets, tuple(weight.shape[1:]), dequantize, DEQUANTIZE_BUDGET_BYTES,
+                                 row_tiled if tile_rows < weight.shape[1] else None)
 
 
 def stacked_scale_shape(experts: int, rows: int, cols: int, parts: int, block: tuple[int, int] = BLOCK) -> tuple[int, int, int]:
@@ -371,7 +326,9 @@ def fp8_settings(config) -> dict | None:
     """``{"block", "mode", "scale_fmt"}`` of a config whose ``quantization_config`` asks for DeepSeek's
     block-wise FP8, else None."""
     quantization = getattr(config, "quantization_config", None)
-    if not quantization:
+    if hasattr(quantization, "to_dict"):  # transformers' loading contract leaves its config object there
+        quantization = quantization.to_dict()
+    if not quantization or quantization.get("quant_method") != "fp8":
         return None
     return {"block": tuple(quantization.get("weight_block_size", BLOCK)), "mode": config.fp8_compute,
             "scale_fmt": quantization.get("scale_fmt") or "float"}

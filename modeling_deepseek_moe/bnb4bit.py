@@ -1,0 +1,175 @@
+"""bitsandbytes 4-bit (nf4 / fp4) weights for QLoRA: transformers' ``BitsAndBytesConfig(load_in_4bit=True)``
+on this package's models, the routed experts included.
+
+Attention, dense MLPs and shared experts become ``bnb.nn.Linear4bit`` through transformers' own
+bitsandbytes quantizer. The routed experts' stacks are stored the way bitsandbytes stores each of DeepSeek's
+per-expert tensors (``experts.E.{gate,up,down}_proj.weight``, a "part" here): ``quantize_4bit`` per part, in
+blocks of ``BLOCKSIZE`` values, with double quantization when asked. A stacked projection of a chunk holds,
+for ``[experts, parts]``:
+
+- ``{projection}``: uint8 ``[experts, parts, part_numel / 2]``, two 4-bit codes per byte (frozen);
+- ``{projection}_absmax``: ``[experts, parts, blocks]`` float32, or with double quantization uint8
+  (padded to whole nested blocks, so that a slice of experts dequantizes them in one call);
+- with double quantization ``{projection}_nested_absmax`` float32 ``[experts, parts, nested blocks]`` and
+  ``{projection}_offset`` float32 ``[experts, parts, 1]``.
+
+Only bitsandbytes quantizes and dequantizes (``quantize_4bit``, ``dequantize_blockwise``,
+``dequantize_4bit``); the grouped product dequantizes the experts with rows a budget at a time
+(:func:`.frozen.frozen_grouped_linear`). bitsandbytes is imported only when 4-bit weights are used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .frozen import DEQUANTIZE_BUDGET_BYTES, frozen_grouped_linear, select_experts
+
+# bitsandbytes' block sizes: Linear4bit's default for the 4-bit codes, quantize_4bit's for the absmax
+# codes of double quantization.
+BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
+PACKED_DTYPE = torch.uint8
+
+
+def is_bitsandbytes_config(quantization_config) -> bool:
+    """Whether a ``quantization_config`` (transformers' config object or its dict) is a bitsandbytes one."""
+    if quantization_config is None:
+        return False
+    method = quantization_config.get("quant_method") if isinstance(quantization_config, dict) \
+        else getattr(quantization_config, "quant_method", None)
+    return method == "bitsandbytes"
+
+
+def bnb4bit_settings(config) -> dict | None:
+    """``{"quant_type", "double_quant", "compute_dtype"}`` of a config whose ``quantization_config`` is
+    bitsandbytes 4-bit, else None."""
+    quantization = getattr(config, "quantization_config", None)
+    if not is_bitsandbytes_config(quantization):
+        return None
+    if not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    compute_dtype = quantization.get("bnb_4bit_compute_dtype") or "float32"
+    return {"quant_type": quantization.get("bnb_4bit_quant_type", "fp4"),
+            "double_quant": bool(quantization.get("bnb_4bit_use_double_quant")),
+            "compute_dtype": getattr(torch, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype}
+
+
+def stack_tensor_shapes(experts: int, rows: int, cols: int, parts: int, settings: dict) -> dict[str, tuple[tuple, torch.dtype]]:
+    """``{suffix: (shape, dtype)}`` of the tensors that hold ``experts`` stacked weights ``[rows, cols]`` made
+    of ``parts`` row blocks quantized apart (suffix "" is the packed codes). Raises ValueError when a part
+    is not whole blocks (its blocks would run into the next part)."""
+    numel = rows // parts * cols
+    if numel % BLOCKSIZE:
+        raise ValueError(f"bitsandbytes 4-bit experts need each expert's [{rows // parts}, {cols}] weight to be whole "
+                         f"blocks of {BLOCKSIZE} values, got {numel} values")
+    blocks = numel // BLOCKSIZE
+    if not settings["double_quant"]:
+        return {"": ((experts, parts, numel // 2), PACKED_DTYPE), "_absmax": ((experts, parts, blocks), torch.float32)}
+    nested_blocks = -(-blocks // NESTED_BLOCKSIZE)
+    return {"": ((experts, parts, numel // 2), PACKED_DTYPE),
+            "_absmax": ((experts, parts, nested_blocks * NESTED_BLOCKSIZE), torch.uint8),
+            "_nested_absmax": ((experts, parts, nested_blocks), torch.float32),
+            "_offset": ((experts, parts, 1), torch.float32)}
+
+
+@torch.no_grad()
+def quantize_part(values: torch.Tensor, settings: dict) -> dict[str, torch.Tensor]:
+    """One expert's part ``[out, in]`` (quantized from its own dtype, as ``Linear4bit`` does) -> its
+    ``{suffix: tensor}`` of :func:`stack_tensor_shapes`, flat."""
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(values.contiguous(), blocksize=BLOCKSIZE, compress_statistics=settings["double_quant"],
+                                    quant_type=settings["quant_type"], quant_storage=PACKED_DTYPE)
+    tensors = {"": packed.view(-1), "_absmax": state.absmax}
+    if settings["double_quant"]:
+        tensors.update(_nested_absmax=state.state2.absmax, _offset=state.offset.view(1))
+    return tensors
+
+
+def dequantize_experts(stack: dict[str, torch.Tensor], experts: list[int], weight_shape: tuple[int, int],
+                       settings: dict, dtype: torch.dtype) -> torch.Tensor:
+    """The stacked 4-bit weights ``stack`` (``{suffix: tensor}``) of ``experts`` -> ``dtype``
+    ``[len(experts), out, in]``, by bitsandbytes: the absmax codes of every part in one
+    ``dequantize_blockwise``, then the 4-bit codes of all parts in one ``dequantize_4bit`` (parts are
+    whole blocks, so their concatenation is what bitsandbytes lays out for the stack)."""
+    import bitsandbytes.functional as F
+
+    packed = select_experts(stack[""], experts)  # [k, parts, numel / 2]
+    absmax = select_experts(stack["_absmax"], experts)
+    blocks = packed.shape[-1] * 2 // BLOCKSIZE
+    if settings["double_quant"]:
+        nested = select_experts(stack["_nested_absmax"], experts)
+        offset = select_experts(stack["_offset"], experts)
+        absmax = F.dequantize_blockwise(absmax.reshape(-1), absmax=nested.reshape(-1), blocksize=NESTED_BLOCKSIZE)
+        absmax = absmax.view(*packed.shape[:2], -1)[..., :blocks] + offset  # as dequantize_4bit does
+    shape = torch.Size((len(experts), *weight_shape))
+    state = F.QuantState(absmax=absmax.reshape(-1), shape=shape, blocksize=BLOCKSIZE, quant_type=settings["quant_type"],
+                         dtype=dtype)
+    return F.dequantize_4bit(packed.reshape(-1, 1), state)
+
+
+def bnb4bit_grouped_linear(stack: dict[str, torch.Tensor], rows: torch.Tensor, offsets: torch.Tensor,
+                           weight_shape: tuple[int, int], settings: dict) -> torch.Tensor:
+    """:func:`.grouped_mm.grouped_linear` with frozen 4-bit stacked weights (``stack``, of
+    ``weight_shape`` ``(out, in)`` per expert): rows ``[n, in]`` -> ``[n, out]`` in the rows' dtype,
+    computed in ``settings["compute_dtype"]``. Only experts with rows are dequantized, at most
+    ``DEQUANTIZE_BUDGET_BYTES`` of them at a time, in the forward and again in the backward."""
+
+    def dequantize(experts: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_experts(stack, experts, weight_shape, settings, dtype)
+
+    compute = rows.to(settings["compute_dtype"])
+    return frozen_grouped_linear(compute, offsets, weight_shape, dequantize, DEQUANTIZE_BUDGET_BYTES).to(rows.dtype)
+
+
+def dequantize_linear_4bit(weight: torch.Tensor) -> torch.Tensor:
+    """A ``Linear4bit`` weight (``Params4bit``) ``[out, in]`` in the dtype it was quantized from."""
+    import bitsandbytes.functional as F
+
+    return F.dequantize_4bit(weight.data, weight.quant_state)
+
+
+# ---------------------------------------------------------------------- loading
+def quantizer_for(quantization_config):
+    """transformers' bitsandbytes quantizer of ``quantization_config`` (checked against this machine)."""
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    return AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
+
+
+class Bnb4bitFiller:
+    """What the loader does differently for a 4-bit model: ``Linear4bit`` weights are quantized by
+    bitsandbytes as they are assigned (transformers' way), routed experts' parts one expert at a time into
+    their chunk's stacks; ``expected_shape`` gives the float shape a checkpoint tensor must have."""
+
+    @staticmethod
+    def claims(module: torch.nn.Module, attr: str) -> bool:
+        import bitsandbytes as bnb
+
+        from .experts import ExpertChunk
+
+        return (isinstance(module, bnb.nn.Linear4bit) and attr == "weight") or (
+            isinstance(module, ExpertChunk) and module.bnb4bit is not None and attr in module.PARTS)
+
+    @staticmethod
+    def expected_shape(module: torch.nn.Module, attr: str) -> tuple[int, ...]:
+        """The checkpoint shape of one tensor of a claimed ``module.attr``: the weight's, or an expert part's."""
+        if attr == "weight":
+            return (module.out_features, module.in_features)
+        return module.part_shape(attr)
+
+    @staticmethod
+    def fill(module: torch.nn.Module, attr: str, part: tuple[int, int] | None, tensor: torch.Tensor) -> None:
+        """Quantize ``tensor`` (on its device, in the model dtype) into ``module.attr``; ``part`` is
+        ``(expert, part)`` for expert stacks."""
+        import bitsandbytes as bnb
+
+        if part is None:
+            old = module.weight
+            module._parameters["weight"] = bnb.nn.Params4bit(tensor, requires_grad=False, **old.__dict__).to(tensor.device)
+            # bitsandbytes' AVX512-BF16 CPU inference path rewrites the weight in place, at the first forward
+            # in eval mode, into a layout with bf16 block scales (ignoring a float32 compute dtype) that
+            # needs out_features % 32 == 0 and that dequantize_4bit, training and merging cannot read: off.
+            module.support_avx512bf16_for_cpu = False
+            return
+        module.set_part(attr, *part, tensor)
