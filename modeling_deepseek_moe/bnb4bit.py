@@ -102,10 +102,11 @@ def dequantize_experts(stack: dict[str, torch.Tensor], experts: list[int], weigh
         offset = select_experts(stack["_offset"], experts)
         absmax = F.dequantize_blockwise(absmax.reshape(-1), absmax=nested.reshape(-1), blocksize=NESTED_BLOCKSIZE)
         absmax = absmax.view(*packed.shape[:2], -1)[..., :blocks] + offset  # as dequantize_4bit does
-    shape = torch.Size((len(experts), *weight_shape))
-    state = F.QuantState(absmax=absmax.reshape(-1), shape=shape, blocksize=BLOCKSIZE, quant_type=settings["quant_type"],
-                         dtype=dtype)
-    return F.dequantize_4bit(packed.reshape(-1, 1), state)
+    # Rows of whole blocks: bitsandbytes 0.50's AVX512 CPU kernel misplaces block scales when the last
+    # dimension is not a multiple of the block size (e.g. [64, 32]); the values are flat either way.
+    state = F.QuantState(absmax=absmax.reshape(-1), shape=torch.Size((packed[..., 0].numel() * blocks, BLOCKSIZE)),
+                         blocksize=BLOCKSIZE, quant_type=settings["quant_type"], dtype=dtype)
+    return F.dequantize_4bit(packed.reshape(-1, 1), state).view(len(experts), *weight_shape)
 
 
 def bnb4bit_grouped_linear(stack: dict[str, torch.Tensor], rows: torch.Tensor, offsets: torch.Tensor,

@@ -94,6 +94,7 @@ def load_pretrained(cls, name_or_path: str | os.PathLike | None, *model_args, **
                                   f"({config.quantization_config.get('quant_method')!r}); bitsandbytes quantizes float "
                                   f"weights: dequantize it first (deepseek-moe-convert dequantize)")
         config.quantization_config = quantizer.quantization_config.to_dict()
+        config.validate_architecture()  # 4-bit only
 
     with torch.device("meta"):
         model = cls(config)
