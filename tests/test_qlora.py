@@ -241,3 +241,53 @@ def test_a_missing_or_misshapen_tensor_is_named(official_checkpoint, edit, messa
     directory, _, _ = official_checkpoint("v2", edit_state=edit, **WHOLE_BLOCKS["v2"])
     with pytest.raises(CheckpointError, match=message):
         load_4bit(directory, "v2")
+
+
+def adapter_deltas(peft_model) -> dict[str, torch.Tensor]:
+    """``{DeepSeek key: scaling * B @ A}`` of every LoRA module of ``peft_model``, as PEFT computes it."""
+    layout = OfficialLayout(peft_model.get_base_model().config)
+    deltas = {}
+    for name, module in peft_model.named_modules():
+        name = name.removeprefix("base_model.model.")
+        if isinstance(module, ExpertChunkLora):
+            for projection, delta in module.get_delta_weight("default").items():
+                deltas.update(layout.official_items(f"{name}.{projection}", delta))
+        elif hasattr(module, "lora_A") and "default" in module.lora_A:
+            deltas.update(layout.official_items(f"{name}.weight", module.get_delta_weight("default").float()))
+    return deltas
+
+
+@pytest.mark.parametrize("base", ["float", "fp8"])
+def test_merge_lora_applies_a_qlora_adapter_to_the_full_precision_base(official_checkpoint, tmp_path, base):
+    """The adapter trained on the 4-bit base merges into the float (or FP8) checkpoint: merged - base is the
+    adapter's own delta, the one it adds to the dequantized 4-bit weights."""
+    from modeling_deepseek_moe.conversion import merge_lora
+    from modeling_deepseek_moe.fp8 import dequantize_fp8_blockwise
+    from modeling_deepseek_moe.safetensors_io import checkpoint_files, open_safetensors
+    from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
+
+    directory, _, _ = official_checkpoint("v3", **WHOLE_BLOCKS["v3"])
+    model = qlora_model(directory)
+    model.save_pretrained(tmp_path / "adapter")
+    deltas = adapter_deltas(model)
+    if base == "fp8":
+        directory = tmp_path / "fp8-base"
+        write_fp8_official_checkpoint(directory, "v3", **WHOLE_BLOCKS["v3"])
+    merge_lora(str(directory), str(tmp_path / "adapter"), str(tmp_path / "merged"), quiet=True)
+
+    def read(folder):
+        tensors = {}
+        for file in checkpoint_files(str(folder)):
+            with open_safetensors(str(folder / file)) as handle:
+                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+        return {key: dequantize_fp8_blockwise(tensor, tensors[key.removesuffix(".weight") + ".weight_scale_inv"])
+                if tensor.dtype == torch.float8_e4m3fn else tensor.float() for key, tensor in tensors.items()}
+
+    before, after = read(directory), read(tmp_path / "merged")
+    assert any("experts.7.up_proj" in key for key in deltas) and any("kv_b_proj" in key for key in deltas)
+    for key, delta in deltas.items():
+        if base == "float":
+            assert relative_error(after[key] - before[key], delta) < 1e-5, key
+        else:  # re-quantized to FP8: within e4m3's rounding (3 mantissa bits) of base + delta
+            error = relative_error(after[key], before[key] + delta)
+            assert error < 0.05 and error < relative_error(after[key], before[key]), key
