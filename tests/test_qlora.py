@@ -21,15 +21,11 @@ from modeling_deepseek_moe.fp8 import QUANTIZED_KEY  # noqa: E402
 from modeling_deepseek_moe.layout import OfficialLayout  # noqa: E402
 from modeling_deepseek_moe.lora import ExpertChunkLora, load_adapter, lora_config  # noqa: E402
 from modeling_deepseek_moe.safetensors_io import CheckpointError  # noqa: E402
+from modeling_deepseek_moe.synthetic import WHOLE_BLOCK_WIDTHS  # noqa: E402
 
 from conftest import relative_error  # noqa: E402
 
 CLASSES = {"v1": DeepseekMoEV1ForCausalLM, "v2": DeepseekMoEV2ForCausalLM, "v3": DeepseekMoEV3ForCausalLM}
-# Every Linear4bit's input width a multiple of bitsandbytes' 64-value blocks: bitsandbytes 0.50's AVX512 CPU
-# dequantize misplaces block scales otherwise (its own Linear4bit included; DeepSeek's widths all are).
-WHOLE_BLOCKS = {"v1": {"intermediate_size": 128, "moe_intermediate_size": 64},
-                "v2": {"intermediate_size": 128, "moe_intermediate_size": 64, "kv_lora_rank": 64, "q_lora_rank": 64}}
-WHOLE_BLOCKS["v3"] = WHOLE_BLOCKS["v2"]
 
 
 def bnb_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype=torch.float32) -> BitsAndBytesConfig:
@@ -52,7 +48,7 @@ def quantized_official_keys(model) -> set[str]:
 
 def bitsandbytes_round_trip(tensor: torch.Tensor, quant_type: str, double_quant: bool) -> torch.Tensor:
     """``tensor`` through bitsandbytes' quantize_4bit and dequantize_4bit, seen as rows of one block each (the
-    same codes as in its own shape; see WHOLE_BLOCKS for why)."""
+    same codes as in its own shape; bitsandbytes 0.50's CPU kernel misplaces block scales of narrower rows)."""
     rows = tensor.reshape(-1, bnb4bit.BLOCKSIZE)
     packed, state = F.quantize_4bit(rows, blocksize=bnb4bit.BLOCKSIZE, compress_statistics=double_quant, quant_type=quant_type)
     return F.dequantize_4bit(packed, state).view(tensor.shape)
@@ -60,7 +56,7 @@ def bitsandbytes_round_trip(tensor: torch.Tensor, quant_type: str, double_quant:
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
 def test_every_expert_is_stored_in_4_bits(official_checkpoint, quant_type, double_quant):
-    directory, config, state = official_checkpoint("v3", **WHOLE_BLOCKS["v3"])
+    directory, config, state = official_checkpoint("v3", **WHOLE_BLOCK_WIDTHS["v3"])
     model = load_4bit(directory, "v3", quant_type=quant_type, double_quant=double_quant)
     chunks = [module for module in model.modules() if isinstance(module, ExpertChunk)]
     assert len(chunks) == 3  # two MoE layers and the MTP layer
@@ -114,7 +110,7 @@ def test_stacked_dequantize_equals_bitsandbytes_per_tensor(official_checkpoint):
 @pytest.mark.parametrize("family", ["v1", "v2", "v3"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_logits_equal_the_bitsandbytes_dequantized_model(official_checkpoint, family, quant_type):
-    directory, _, _ = official_checkpoint(family, **WHOLE_BLOCKS[family])
+    directory, _, _ = official_checkpoint(family, **WHOLE_BLOCK_WIDTHS[family])
     model = load_4bit(directory, family, quant_type=quant_type)
     keys = quantized_official_keys(model)
 
@@ -122,7 +118,7 @@ def test_logits_equal_the_bitsandbytes_dequantized_model(official_checkpoint, fa
         for key in keys:
             state[key] = bitsandbytes_round_trip(state[key], quant_type, True)
 
-    reference_directory, _, _ = official_checkpoint(family, edit_state=round_trip, **WHOLE_BLOCKS[family])
+    reference_directory, _, _ = official_checkpoint(family, edit_state=round_trip, **WHOLE_BLOCK_WIDTHS[family])
     reference = CLASSES[family].from_pretrained(reference_directory, dtype=torch.float32)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -133,7 +129,7 @@ def test_logits_equal_the_bitsandbytes_dequantized_model(official_checkpoint, fa
 
 
 def test_a_budget_of_one_expert_gives_the_same_product(official_checkpoint, monkeypatch):
-    directory, _, _ = official_checkpoint("v2", **WHOLE_BLOCKS["v2"])
+    directory, _, _ = official_checkpoint("v2", **WHOLE_BLOCK_WIDTHS["v2"])
     model = load_4bit(directory, "v2")
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -154,7 +150,7 @@ def qlora_model(directory, family: str = "v3", **targets):
 
 
 def test_gradients_reach_adapters_and_inputs_and_no_float_copy_of_frozen_experts_is_kept(official_checkpoint):
-    directory, config, _ = official_checkpoint("v3", **WHOLE_BLOCKS["v3"])
+    directory, config, _ = official_checkpoint("v3", **WHOLE_BLOCK_WIDTHS["v3"])
     model = qlora_model(directory)
     assert {name for name, module in model.named_modules() if isinstance(module, ExpertChunkLora)}
     model.train()
@@ -178,7 +174,7 @@ def test_gradients_reach_adapters_and_inputs_and_no_float_copy_of_frozen_experts
 
 
 def test_adapters_save_and_load_on_the_4bit_base(official_checkpoint, tmp_path):
-    directory, _, _ = official_checkpoint("v3", **WHOLE_BLOCKS["v3"])
+    directory, _, _ = official_checkpoint("v3", **WHOLE_BLOCK_WIDTHS["v3"])
     model = qlora_model(directory)
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
@@ -192,7 +188,7 @@ def test_adapters_save_and_load_on_the_4bit_base(official_checkpoint, tmp_path):
 def test_trainer_lowers_the_loss(official_checkpoint, tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    directory, _, _ = official_checkpoint("v2", **WHOLE_BLOCKS["v2"])
+    directory, _, _ = official_checkpoint("v2", **WHOLE_BLOCK_WIDTHS["v2"])
     model = prepare_model_for_kbit_training(load_4bit(directory, "v2"))
     model = get_peft_model(model, lora_config(r=8, lora_alpha=16, targets=("attention", "shared", "experts")))
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -209,7 +205,7 @@ def test_trainer_lowers_the_loss(official_checkpoint, tmp_path):
 
 def test_generation_reads_the_4bit_latent_projection(official_checkpoint):
     """MLA's absorbed decoding reads kv_b_proj's weight itself: the 4-bit one is dequantized for it."""
-    directory, _, _ = official_checkpoint("v2", **WHOLE_BLOCKS["v2"])
+    directory, _, _ = official_checkpoint("v2", **WHOLE_BLOCK_WIDTHS["v2"])
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
     tokens = {}
     for absorb in ("decode", "never"):
@@ -238,7 +234,7 @@ def test_8bit_is_refused_naming_why(official_checkpoint):
     (lambda state: state.pop("model.layers.1.self_attn.o_proj.weight"), "model.layers.1.self_attn.o_proj.weight"),
 ])
 def test_a_missing_or_misshapen_tensor_is_named(official_checkpoint, edit, message):
-    directory, _, _ = official_checkpoint("v2", edit_state=edit, **WHOLE_BLOCKS["v2"])
+    directory, _, _ = official_checkpoint("v2", edit_state=edit, **WHOLE_BLOCK_WIDTHS["v2"])
     with pytest.raises(CheckpointError, match=message):
         load_4bit(directory, "v2")
 
@@ -266,13 +262,13 @@ def test_merge_lora_applies_a_qlora_adapter_to_the_full_precision_base(official_
     from modeling_deepseek_moe.safetensors_io import checkpoint_files, open_safetensors
     from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
 
-    directory, _, _ = official_checkpoint("v3", **WHOLE_BLOCKS["v3"])
+    directory, _, _ = official_checkpoint("v3", **WHOLE_BLOCK_WIDTHS["v3"])
     model = qlora_model(directory)
     model.save_pretrained(tmp_path / "adapter")
     deltas = adapter_deltas(model)
     if base == "fp8":
         directory = tmp_path / "fp8-base"
-        write_fp8_official_checkpoint(directory, "v3", **WHOLE_BLOCKS["v3"])
+        write_fp8_official_checkpoint(directory, "v3", **WHOLE_BLOCK_WIDTHS["v3"])
     merge_lora(str(directory), str(tmp_path / "adapter"), str(tmp_path / "merged"), quiet=True)
 
     def read(folder):
