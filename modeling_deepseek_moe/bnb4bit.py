@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .frozen import DEQUANTIZE_BUDGET_BYTES, frozen_grouped_linear, select_experts
+from .frozen import DEQUANTIZE_BUDGET_BYTES, frozen_grouped_linear, select_experts, tiled_linear
 
 # bitsandbytes' block sizes: Linear4bit's default for the 4-bit codes, quantize_4bit's for the absmax
 # codes of double quantization.
@@ -86,27 +86,54 @@ def quantize_part(values: torch.Tensor, settings: dict) -> dict[str, torch.Tenso
     return tensors
 
 
+def dequantized_absmax(stack: dict[str, torch.Tensor], experts: list[int], settings: dict) -> torch.Tensor:
+    """The float32 block scales of ``experts``, ``[len(experts), parts * blocks]``: with double quantization
+    the absmax codes of every part dequantized in one ``dequantize_blockwise`` (parts padded to whole
+    nested blocks), plus each part's offset, as ``dequantize_4bit`` does for one tensor."""
+    import bitsandbytes.functional as F
+
+    absmax = select_experts(stack["_absmax"], experts)
+    if settings["double_quant"]:
+        nested = select_experts(stack["_nested_absmax"], experts)
+        absmax = F.dequantize_blockwise(absmax.reshape(-1), absmax=nested.reshape(-1), blocksize=NESTED_BLOCKSIZE)
+        blocks = stack[""].shape[-1] * 2 // BLOCKSIZE
+        absmax = absmax.view(len(experts), stack[""].shape[1], -1)[..., :blocks] + select_experts(stack["_offset"], experts)
+    return absmax.reshape(len(experts), -1)
+
+
+def dequantize_codes(packed: torch.Tensor, absmax: torch.Tensor, settings: dict, dtype: torch.dtype) -> torch.Tensor:
+    """4-bit codes (flat, whole blocks) and their float32 block scales -> ``dtype`` values, flat, by
+    ``dequantize_4bit``. Given as rows of one block: bitsandbytes 0.50's AVX512 CPU kernel misplaces block
+    scales when the last dimension is not a multiple of the block size (e.g. [64, 32]); the values are flat
+    either way."""
+    import bitsandbytes.functional as F
+
+    state = F.QuantState(absmax=absmax.reshape(-1), shape=torch.Size((absmax.numel(), BLOCKSIZE)), blocksize=BLOCKSIZE,
+                         quant_type=settings["quant_type"], dtype=dtype)
+    return F.dequantize_4bit(packed.reshape(-1, 1), state).view(-1)
+
+
 def dequantize_experts(stack: dict[str, torch.Tensor], experts: list[int], weight_shape: tuple[int, int],
                        settings: dict, dtype: torch.dtype) -> torch.Tensor:
     """The stacked 4-bit weights ``stack`` (``{suffix: tensor}``) of ``experts`` -> ``dtype``
-    ``[len(experts), out, in]``, by bitsandbytes: the absmax codes of every part in one
-    ``dequantize_blockwise``, then the 4-bit codes of all parts in one ``dequantize_4bit`` (parts are
-    whole blocks, so their concatenation is what bitsandbytes lays out for the stack)."""
-    import bitsandbytes.functional as F
+    ``[len(experts), out, in]``, in one ``dequantize_4bit`` (parts are whole blocks, so their concatenation
+    is what bitsandbytes lays out for the stack)."""
+    values = dequantize_codes(select_experts(stack[""], experts), dequantized_absmax(stack, experts, settings), settings, dtype)
+    return values.view(len(experts), *weight_shape)
 
-    packed = select_experts(stack[""], experts)  # [k, parts, numel / 2]
-    absmax = select_experts(stack["_absmax"], experts)
-    blocks = packed.shape[-1] * 2 // BLOCKSIZE
-    if settings["double_quant"]:
-        nested = select_experts(stack["_nested_absmax"], experts)
-        offset = select_experts(stack["_offset"], experts)
-        absmax = F.dequantize_blockwise(absmax.reshape(-1), absmax=nested.reshape(-1), blocksize=NESTED_BLOCKSIZE)
-        absmax = absmax.view(*packed.shape[:2], -1)[..., :blocks] + offset  # as dequantize_4bit does
-    # Rows of whole blocks: bitsandbytes 0.50's AVX512 CPU kernel misplaces block scales when the last
-    # dimension is not a multiple of the block size (e.g. [64, 32]); the values are flat either way.
-    state = F.QuantState(absmax=absmax.reshape(-1), shape=torch.Size((packed[..., 0].numel() * blocks, BLOCKSIZE)),
-                         blocksize=BLOCKSIZE, quant_type=settings["quant_type"], dtype=dtype)
-    return F.dequantize_4bit(packed.reshape(-1, 1), state).view(len(experts), *weight_shape)
+
+def dequantized_row_tiles(stack: dict[str, torch.Tensor], expert: int, weight_shape: tuple[int, int], settings: dict,
+                          dtype: torch.dtype, height: int):
+    """``(top, bottom, rows top:bottom of the expert's weight as dtype)`` in tiles of ``height`` rows (rows
+    of whole blocks: ``in`` a multiple of ``BLOCKSIZE``)."""
+    rows, cols = weight_shape
+    packed = stack[""][expert].reshape(-1)  # [rows * cols / 2], parts one after the other
+    absmax = dequantized_absmax(stack, [expert], settings)[0]  # [rows * cols / BLOCKSIZE]
+    for top in range(0, rows, height):
+        bottom = min(top + height, rows)
+        codes = packed[top * cols // 2 : bottom * cols // 2]
+        scales = absmax[top * cols // BLOCKSIZE : bottom * cols // BLOCKSIZE]
+        yield top, bottom, dequantize_codes(codes, scales, settings, dtype).view(bottom - top, cols)
 
 
 def bnb4bit_grouped_linear(stack: dict[str, torch.Tensor], rows: torch.Tensor, offsets: torch.Tensor,
@@ -114,13 +141,26 @@ def bnb4bit_grouped_linear(stack: dict[str, torch.Tensor], rows: torch.Tensor, o
     """:func:`.grouped_mm.grouped_linear` with frozen 4-bit stacked weights (``stack``, of
     ``weight_shape`` ``(out, in)`` per expert): rows ``[n, in]`` -> ``[n, out]`` in the rows' dtype,
     computed in ``settings["compute_dtype"]``. Only experts with rows are dequantized, at most
-    ``DEQUANTIZE_BUDGET_BYTES`` of them at a time, in the forward and again in the backward."""
+    ``DEQUANTIZE_BUDGET_BYTES`` of them at a time (an expert over it by row tiles), in the forward and
+    again in the backward."""
+    compute = rows.to(settings["compute_dtype"])
+    out_features, in_features = weight_shape
+    row_bytes = in_features * compute.element_size()
+    # Transient buffers over the budget are what glibc keeps as heap between activations (a QLoRA step's
+    # peak RSS +70% measured on bench_qlora.py's experts of 11.5 MB): tiles keep them within it.
+    tiled = out_features * row_bytes > DEQUANTIZE_BUDGET_BYTES and in_features % BLOCKSIZE == 0
+    height = max(1, DEQUANTIZE_BUDGET_BYTES // row_bytes)
 
     def dequantize(experts: list[int], dtype: torch.dtype) -> torch.Tensor:
         return dequantize_experts(stack, experts, weight_shape, settings, dtype)
 
-    compute = rows.to(settings["compute_dtype"])
-    return frozen_grouped_linear(compute, offsets, weight_shape, dequantize, DEQUANTIZE_BUDGET_BYTES).to(rows.dtype)
+    def row_tiled(expert: int, expert_rows: torch.Tensor, transposed: bool) -> torch.Tensor:
+        tiles = dequantized_row_tiles(stack, expert, weight_shape, settings, expert_rows.dtype, height)
+        return tiled_linear(expert_rows, tiles, transposed)
+
+    output = frozen_grouped_linear(compute, offsets, weight_shape, dequantize, DEQUANTIZE_BUDGET_BYTES,
+                                   row_tiled if tiled else None)
+    return output.to(rows.dtype)
 
 
 def dequantize_linear_4bit(weight: torch.Tensor) -> torch.Tensor:

@@ -13,12 +13,11 @@ import re
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .fixed_dtypes import keep_dtypes_apply
 from .fp8_decode import decode_product
-from .frozen import DEQUANTIZE_BUDGET_BYTES, frozen_grouped_linear, frozen_product, select_experts
+from .frozen import DEQUANTIZE_BUDGET_BYTES, frozen_grouped_linear, frozen_product, select_experts, tiled_linear
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -173,15 +172,8 @@ def dequantized_row_tiles(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: 
 def row_tiled_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, transposed: bool, height: int,
                      block: tuple[int, int]) -> torch.Tensor:
     """``x @ W.T`` (or ``x @ W`` when ``transposed``) for the FP8 ``weight`` ``W`` ``[rows, cols]``, dequantized
-    ``height`` rows at a time (into x's dtype): output columns tile by tile, or a sum over the tiles."""
-    tiles = dequantized_row_tiles(weight, scale_inv, x.dtype, block, height)
-    if not transposed:
-        return torch.cat([F.linear(x, tile) for _, _, tile in tiles], dim=-1)
-    total = None
-    for top, bottom, tile in tiles:
-        part = x[..., top:bottom] @ tile
-        total = part if total is None else total.add_(part)
-    return total
+    ``height`` rows at a time (into x's dtype)."""
+    return tiled_linear(x, dequantized_row_tiles(weight, scale_inv, x.dtype, block, height), transposed)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,

@@ -8,9 +8,10 @@ a time. The formats themselves (:mod:`.fp8`, :mod:`.bnb4bit`) say how to dequant
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 
 from .grouped_mm import columns_product
 
@@ -47,6 +48,19 @@ def select_experts(stacked: torch.Tensor, experts: list[int]) -> torch.Tensor:
     return stacked.index_select(0, torch.tensor(experts, device=stacked.device))
 
 
+def tiled_linear(x: torch.Tensor, tiles: Iterable[tuple[int, int, torch.Tensor]], transposed: bool) -> torch.Tensor:
+    """``x @ W.T`` (or ``x @ W`` when ``transposed``) for a weight ``W`` ``[rows, cols]`` given as ``(top,
+    bottom, rows top:bottom of W)`` tiles, each dequantized when it is reached: output columns tile by tile,
+    or a sum over the tiles."""
+    if not transposed:
+        return torch.cat([F.linear(x, tile) for _, _, tile in tiles], dim=-1)
+    total = None
+    for top, bottom, tile in tiles:
+        part = x[..., top:bottom] @ tile
+        total = part if total is None else total.add_(part)
+    return total
+
+
 def frozen_grouped_linear(
     rows: torch.Tensor,
     offsets: torch.Tensor,
@@ -60,7 +74,7 @@ def frozen_grouped_linear(
     rows per expert) -> ``[n, out]``. ``dequantize(experts, dtype)`` gives ``[len(experts), out, in]``; it is
     called for the experts with rows only, at most ``budget`` bytes of them at a time, in the forward and
     again in the backward. ``one_expert_product(expert, rows, transposed)``, if given, replaces it for an
-    expert alone over the budget (FP8's row tiles). The products run feature-major (``[in, n]`` columns),
+    expert alone over the budget (by row tiles, :func:`tiled_linear`). The products run feature-major (``[in, n]`` columns),
     the CPU's fast form."""
     out_features, in_features = weight_shape
     ends = offsets.tolist()

@@ -128,14 +128,23 @@ def test_logits_equal_the_bitsandbytes_dequantized_model(official_checkpoint, fa
         assert relative_error(model(ids).logits, original(ids).logits) > 1e-3
 
 
-def test_a_budget_of_one_expert_gives_the_same_product(official_checkpoint, monkeypatch):
+def test_row_tiles_of_one_expert_give_the_same_product_and_gradients(official_checkpoint, monkeypatch):
+    """An expert over the dequantization budget goes by row tiles (here one row at a time), forward and
+    backward."""
     directory, _, _ = official_checkpoint("v2", **WHOLE_BLOCK_WIDTHS["v2"])
-    model = load_4bit(directory, "v2")
+    model = load_4bit(directory, "v2").train()
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        whole = model(ids).logits
-        monkeypatch.setattr(bnb4bit, "DEQUANTIZE_BUDGET_BYTES", 1)  # one expert per dequantized slice
-        assert relative_error(model(ids).logits, whole) < 1e-6
+
+    def logits_and_input_gradient():
+        hidden = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=hidden).logits
+        logits.square().mean().backward()
+        return logits.detach(), hidden.grad
+
+    whole = logits_and_input_gradient()
+    monkeypatch.setattr(bnb4bit, "DEQUANTIZE_BUDGET_BYTES", 1)
+    tiled = logits_and_input_gradient()
+    assert relative_error(tiled[0], whole[0]) < 1e-5 and relative_error(tiled[1], whole[1]) < 1e-5  # fp32 sums per tile
 
 
 def qlora_model(directory, family: str = "v3", **targets):
