@@ -86,7 +86,8 @@ def main() -> None:
 
     classes = dict(zip(FAMILIES, (DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM)))
     official = os.path.join(args.out, f"base-{rank}")  # one per process: the same seeded weights
-    widths = WHOLE_BLOCK_WIDTHS[args.family] if args.qlora else {}  # bitsandbytes' blocks (see synthetic.py)
+    # LoRA and QLoRA on the same model, of bitsandbytes' whole blocks (see synthetic.py): their losses compare
+    widths = WHOLE_BLOCK_WIDTHS[args.family] if args.lora or args.qlora else {}
     write_official_checkpoint(official, tiny_official_config(args.family, **widths), num_shards=1)
     tokenizer = AutoTokenizer.from_pretrained(official)
     quantization = {"quantization_config": nf4_config()} if args.qlora else {}

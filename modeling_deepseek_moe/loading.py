@@ -58,8 +58,7 @@ def load_pretrained(cls, name_or_path: str | os.PathLike | None, *model_args, **
     subfolder = kwargs.pop("subfolder", None) or ""
     if is_bitsandbytes_config(kwargs.get("quantization_config")):  # any other is a config override (FP8)
         quantizer = quantizer_for(kwargs.pop("quantization_config"))
-        quantizer.validate_environment(device_map=device_map)
-        device_map = quantizer.update_device_map(device_map)
+        quantizer.validate_environment(device_map=device_map)  # no device_map: the CPU, as without quantization
     else:
         quantizer = None
     hub_kwargs = {key: kwargs.pop(key) for key in HUB_ARGUMENTS if key in kwargs}
