@@ -264,9 +264,9 @@ class StateDictCheckpoint:
 
 # ---------------------------------------------------------------------- filling the model
 def kept_dtype(attr: str, current: torch.Tensor) -> bool:
-    """Tensors that keep their own dtype whatever the model dtype: FP8 weights, their float32 scales and
-    V3's float32 router bias."""
-    return current.dtype == torch.float8_e4m3fn or attr.endswith("_scale_inv") or (
+    """Tensors that keep their own dtype whatever the model dtype: FP8 weights, their float32 scales,
+    V3's float32 router bias and integer ones (bitsandbytes' 4-bit codes)."""
+    return current.dtype == torch.float8_e4m3fn or attr.endswith("_scale_inv") or not current.is_floating_point() or (
         current.dtype == torch.float32 and attr == "e_score_correction_bias")
 
 
