@@ -296,3 +296,22 @@ def test_merge_lora_applies_a_qlora_adapter_to_the_full_precision_base(official_
         else:  # re-quantized to FP8: within e4m3's rounding (3 mantissa bits) of base + delta
             error = relative_error(after[key], before[key] + delta)
             assert error < 0.05 and error < relative_error(after[key], before[key]), key
+
+
+def test_merge_and_unload_requantizes_each_expert_with_its_delta(official_checkpoint):
+    """PEFT's merge_and_unload on the 4-bit base: each expert's weight is dequantized, gets the adapter's
+    delta and is quantized again by bitsandbytes, part by part (the merged model is 4-bit still)."""
+    directory, _, _ = official_checkpoint("v3", **WHOLE_BLOCK_WIDTHS["v3"])
+    model = qlora_model(directory)
+    layer = next(module for module in model.modules() if isinstance(module, ExpertChunkLora))
+    chunk = layer.get_base_layer()
+    expected = {projection: chunk.dequantized(projection) + delta for projection, delta in layer.get_delta_weight("default").items()}
+    merged_model = model.merge_and_unload()
+    assert chunk.gate_up_proj.dtype == torch.uint8
+    assert not any(isinstance(module, ExpertChunkLora) for module in merged_model.modules())
+    for projection, values in expected.items():
+        merged = chunk.dequantized(projection)
+        for expert in range(values.shape[0]):
+            for part, part_values in enumerate(values[expert].chunk(chunk.PARTS[projection])):
+                round_trip = bitsandbytes_round_trip(part_values.detach(), "nf4", True)
+                assert torch.equal(merged[expert].chunk(chunk.PARTS[projection])[part], round_trip)
