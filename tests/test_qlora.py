@@ -315,3 +315,20 @@ def test_merge_and_unload_requantizes_each_expert_with_its_delta(official_checkp
             for part, part_values in enumerate(values[expert].chunk(chunk.PARTS[projection])):
                 round_trip = bitsandbytes_round_trip(part_values.detach(), "nf4", True)
                 assert torch.equal(merged[expert].chunk(chunk.PARTS[projection])[part], round_trip)
+
+
+def test_an_fp8_checkpoint_is_refused_naming_the_way_out(tmp_path):
+    from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
+
+    write_fp8_official_checkpoint(tmp_path / "fp8", "v3", **WHOLE_BLOCK_WIDTHS["v3"])
+    with pytest.raises(CheckpointError, match="already quantized.*deepseek-moe-convert dequantize"):
+        load_4bit(tmp_path / "fp8", "v3")
+
+
+def test_llm_int8_skip_modules_keeps_those_projections_float(official_checkpoint):
+    directory, _, _ = official_checkpoint("v2", **WHOLE_BLOCK_WIDTHS["v2"])
+    config = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["lm_head", r".*\.shared_experts"])
+    model = CLASSES["v2"].from_pretrained(directory, dtype=torch.float32, quantization_config=config)
+    shared = model.model.layers[1].mlp.shared_experts
+    assert type(shared.up_proj) is torch.nn.Linear and shared.up_proj.weight.dtype == torch.float32
+    assert isinstance(model.model.layers[1].self_attn.o_proj, bnb.nn.Linear4bit)
