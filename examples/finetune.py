@@ -1,10 +1,11 @@
 """Fine-tune a tiny DeepSeek model (built locally in the official layout) on a small text file with
 transformers' Trainer and gradient accumulation 2: the loss falls, the routers' MaxVio falls, V3's
 correction biases move (once per optimizer step). ``--lora`` trains PEFT LoRA adapters instead
-(attention, dense MLPs, shared and routed experts). ``--fsdp`` shards the model with accelerate's FSDP2
+(attention, dense MLPs, shared and routed experts); ``--qlora`` trains them on a bitsandbytes nf4 base
+(routed experts included, bf16 compute) prepared by ``peft.prepare_model_for_kbit_training``. ``--fsdp`` shards the model with accelerate's FSDP2
 plugin (the decoder layer as the wrap unit), launched on GPUs with torchrun or ``accelerate launch``:
 
-    python examples/finetune.py [--family v3] [--steps 60] [--lora]
+    python examples/finetune.py [--family v3] [--steps 60] [--lora | --qlora]
     torchrun --nproc-per-node 8 examples/finetune.py --fsdp
 
 (accelerate 1.15 applies FSDP on accelerators only: on CPU processes it falls back to DDP, and says so.)
@@ -63,30 +64,41 @@ def main() -> None:
     parser.add_argument("--family", choices=FAMILIES, default="v3")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--qlora", action="store_true", help="LoRA on a bitsandbytes 4-bit (nf4) base")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 through Trainer's accelerate plugin (GPUs)")
     parser.add_argument("--bias-update-speed", type=float, default=0.01,
                         help="V3's gamma; larger than DeepSeek's 0.001 because this run is 60 steps, not 14.8T tokens")
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "deepseek-moe-finetune"))
     args = parser.parse_args()
+    if args.qlora and args.fsdp:
+        parser.error("--qlora and --fsdp: FSDP of a bitsandbytes 4-bit model is not supported here")
+    adapters = " with QLoRA (nf4 base)" if args.qlora else " with LoRA" if args.lora else ""
     rank = int(os.environ.get("RANK", 0))
     say = print if rank == 0 else (lambda *_, **__: None)
     # transformers' Trainer takes seconds to import: say what is coming first.
-    say(f"fine-tuning a tiny {args.family.upper()} for {args.steps} steps{' with LoRA' if args.lora else ''}; "
+    say(f"fine-tuning a tiny {args.family.upper()} for {args.steps} steps{adapters}; "
         "importing transformers", flush=True)
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
-    from modeling_deepseek_moe.synthetic import CORPUS, tiny_official_config, write_official_checkpoint
+    from modeling_deepseek_moe.synthetic import CORPUS, WHOLE_BLOCK_WIDTHS, tiny_official_config, write_official_checkpoint
     from modeling_deepseek_moe.training import RouterStatsCallback, routers
 
     classes = dict(zip(FAMILIES, (DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM)))
     official = os.path.join(args.out, f"base-{rank}")  # one per process: the same seeded weights
-    write_official_checkpoint(official, tiny_official_config(args.family), num_shards=1)
+    # LoRA and QLoRA on the same model, of bitsandbytes' whole blocks (see synthetic.py): their losses compare
+    widths = WHOLE_BLOCK_WIDTHS[args.family] if args.lora or args.qlora else {}
+    write_official_checkpoint(official, tiny_official_config(args.family, **widths), num_shards=1)
     tokenizer = AutoTokenizer.from_pretrained(official)
+    quantization = {"quantization_config": nf4_config()} if args.qlora else {}
     model = classes[args.family].from_pretrained(official, dtype=torch.float32, bias_update_speed=args.bias_update_speed,
-                                                 pad_token_id=tokenizer.pad_token_id)
-    say(f"built and loaded {official}", flush=True)
-    if args.lora:
+                                                 pad_token_id=tokenizer.pad_token_id, **quantization)
+    say(f"built and loaded {official}{' in 4 bits' if args.qlora else ''}", flush=True)
+    if args.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    if args.lora or args.qlora:
         from peft import get_peft_model
 
         from modeling_deepseek_moe.lora import lora_config
@@ -97,7 +109,7 @@ def main() -> None:
 
     training = TrainingArguments(
         output_dir=os.path.join(args.out, "run"), max_steps=args.steps, per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, learning_rate=3e-3 if args.lora else 1e-3, warmup_steps=5,
+        gradient_accumulation_steps=2, learning_rate=3e-3 if args.lora or args.qlora else 1e-3, warmup_steps=5,
         logging_steps=min(10, args.steps), save_strategy="no", report_to=[],
         use_cpu=not (args.fsdp and torch.cuda.is_available()), disable_tqdm=False, seed=0,
         **(FSDP_ARGUMENTS if args.fsdp else {}),
@@ -128,6 +140,14 @@ def main() -> None:
         print(f"largest V3 correction-bias move per layer: {[round(m, 4) for m in moved]}")
     if not args.fsdp:
         print(f"saved to {os.path.join(args.out, 'final')}")
+
+
+def nf4_config():
+    """QLoRA's usual base: nf4 with double quantization, bf16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def end_process_group() -> None:

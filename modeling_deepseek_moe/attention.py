@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, eager_attention_forward
 
+from .bnb4bit import PACKED_DTYPE, dequantize_linear_4bit
 from .configuration import DeepseekMoEConfig
 from .fp8 import FP8Linear, fp8_settings, projection
 from .fp8_cpu import head_rows_product
@@ -148,7 +149,7 @@ class MultiHeadLatentAttention(nn.Module):
         through each head's key rows -> ``[batch, heads, new, kv_lora_rank]``, or (``values``) attended
         latents ``[batch, heads, new, kv_lora_rank]`` through its value rows -> ``[batch, heads, new, v_head]``.
         An FP8 ``kv_b_proj`` is read in place on the CPU (:func:`.fp8_cpu.head_rows_product`); elsewhere it is
-        dequantized at the first step and kept for the next ones."""
+        dequantized at the first step and kept for the next ones. A 4-bit one is dequantized at every step."""
         first, count = (self.qk_nope_head_dim, self.v_head_dim) if values else (0, self.qk_nope_head_dim)
         weight = self.kv_b_proj.weight
         if isinstance(self.kv_b_proj, FP8Linear):
@@ -157,6 +158,8 @@ class MultiHeadLatentAttention(nn.Module):
             if output is not None:
                 return output
             weight = self.kv_b_proj.dequantized_weight(x.dtype, keep=True)
+        elif weight.dtype == PACKED_DTYPE:  # bitsandbytes 4-bit (Linear4bit), dequantized for this step
+            weight = dequantize_linear_4bit(weight).to(x.dtype)
         rows = weight.view(self.num_heads, -1, self.kv_lora_rank)[:, first : first + count]
         return torch.einsum("bhsc,hvc->bhsv", x, rows) if values else torch.einsum("bhsd,hdc->bhsc", x, rows)
 

@@ -171,6 +171,11 @@ class DeepseekMoEConfig(PreTrainedConfig):
             return
         if not isinstance(quantization, dict):
             quantization = self.quantization_config = quantization.to_dict()
+        if quantization.get("quant_method") == "bitsandbytes":
+            if not quantization.get("load_in_4bit"):
+                fail("`quantization_config` of bitsandbytes must load in 4 bits (load_in_4bit=True): the routed "
+                     f"experts have no 8-bit form here, got load_in_8bit={quantization.get('load_in_8bit')!r}")
+            return
         expected = {"quant_method": ("fp8",), "fmt": ("e4m3",), "activation_scheme": ("dynamic",),
                     "scale_fmt": (None, *SCALE_FORMATS)}
         for name, allowed in expected.items():

@@ -5,11 +5,14 @@ Routed experts are stacked tensors (``gate_up_proj [experts, 2 * moe_intermediat
 split into ``num_expert_chunks`` contiguous :class:`ExpertChunk` modules so a ``device_map`` can place them
 apart. A chunk takes rows grouped by expert and runs one grouped product per projection
 (:meth:`ExpertChunk.project`): the plain product (:func:`.grouped_mm.grouped_linear`), the FP8 product for
-FP8 stacks (:func:`.fp8.fp8_grouped_linear`), plus LoRA adapters' deltas and expert parallelism's gradient
+FP8 stacks (:func:`.fp8.fp8_grouped_linear`), the 4-bit product for bitsandbytes stacks
+(:func:`.bnb4bit.bnb4bit_grouped_linear`), plus LoRA adapters' deltas and expert parallelism's gradient
 scale, all at that one place. Which rows a chunk gets is the dispatcher's business (:mod:`.dispatch`).
 
 With an FP8 ``quantization_config`` the stacked weights stay ``float8_e4m3fn`` with their block scales
-(``gate_up_proj_scale_inv``: the gate's and the up projection's block grids stacked).
+(``gate_up_proj_scale_inv``: the gate's and the up projection's block grids stacked). With a bitsandbytes
+4-bit one they are bitsandbytes' 4-bit codes and statistics of each expert's gate, up and down weight
+(:mod:`.bnb4bit`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration import DeepseekMoEConfig
+from .bnb4bit import bnb4bit_grouped_linear, bnb4bit_settings, dequantize_experts, quantize_part, stack_tensor_shapes
 from .dispatch import expert_parallel_mixture, sliced_mixture, token_major_mixture
 from .distributed import ExpertParallel, scale_gradient
 from .fixed_dtypes import keep_dtypes_apply
@@ -39,10 +43,18 @@ class ExpertChunk(nn.Module):
         self.first_expert = first_expert
         self.num_experts = num_experts
         hidden, intermediate = config.hidden_size, config.moe_intermediate_size
-        shapes = {"gate_up_proj": (num_experts, 2 * intermediate, hidden), "down_proj": (num_experts, hidden, intermediate)}
+        # [experts, out, in] of each stacked projection, whatever form stores it
+        self.shapes = {"gate_up_proj": (num_experts, 2 * intermediate, hidden), "down_proj": (num_experts, hidden, intermediate)}
         self.fp8 = fp8_settings(config)
-        for name, shape in shapes.items():
-            if self.fp8 is None:
+        self.bnb4bit = bnb4bit_settings(config)
+        for name, shape in self.shapes.items():
+            if self.bnb4bit is not None:  # frozen 4-bit codes; their statistics are derived, never loaded
+                for suffix, (stored, dtype) in stack_tensor_shapes(*shape, self.PARTS[name], self.bnb4bit).items():
+                    if suffix:
+                        self.register_buffer(name + suffix, torch.empty(stored, dtype=dtype), persistent=False)
+                    else:
+                        setattr(self, name, nn.Parameter(torch.empty(stored, dtype=dtype), requires_grad=False))
+            elif self.fp8 is None:
                 setattr(self, name, nn.Parameter(torch.empty(shape)))
             else:  # frozen FP8 weights: adapters (ExpertChunkLora) train on top of them
                 setattr(self, name, nn.Parameter(torch.empty(shape, dtype=FP8_DTYPE), requires_grad=False))
@@ -62,7 +74,7 @@ class ExpertChunk(nn.Module):
         range ``experts`` of this chunk, all by default) -> ``[n, hidden]``: each row through its expert,
         scaled by ``row_weights`` ``[n]``. ``delta(projection, rows, offsets, experts)``, if given, adds to
         each projection (LoRA adapters)."""
-        intermediate = self.down_proj.shape[-1]
+        intermediate = self.shapes["down_proj"][-1]
         gate_up = self.project("gate_up_proj", rows, offsets, experts, delta)  # [n, 2 * intermediate]
         gate, up = split_features(gate_up, intermediate)
         # The mixing weight is applied before the (linear) down projection: on [n, intermediate]
@@ -77,10 +89,13 @@ class ExpertChunk(nn.Module):
     def project(self, projection: str, rows: torch.Tensor, offsets: torch.Tensor, experts: slice = slice(None),
                 delta: Callable | None = None) -> torch.Tensor:
         """The grouped product of one stacked projection of the experts ``experts`` over ``rows`` ``[n, in]``
-        -> ``[n, out]``: FP8 stacks through the FP8 product, others through the plain one (with expert
-        parallelism's gradient scale), plus the adapters' ``delta``."""
+        -> ``[n, out]``: FP8 and 4-bit stacks through their products, others through the plain one (with
+        expert parallelism's gradient scale), plus the adapters' ``delta``."""
         weight = getattr(self, projection)
-        if weight.dtype == FP8_DTYPE:
+        if self.bnb4bit is not None:
+            output = bnb4bit_grouped_linear(self.stack_4bit(projection, experts), rows, offsets,
+                                            self.shapes[projection][1:], self.bnb4bit)
+        elif weight.dtype == FP8_DTYPE:
             output = fp8_grouped_linear(weight[experts], getattr(self, projection + "_scale_inv")[experts], rows,
                                         offsets, self.PARTS[projection], self.fp8["mode"], self.fp8["block"])
         else:
@@ -90,8 +105,37 @@ class ExpertChunk(nn.Module):
         extra = delta(projection, rows, offsets, experts) if delta is not None else None
         return output if extra is None else output + extra.to(output.dtype)
 
+    def stack_4bit(self, projection: str, experts: slice = slice(None)) -> dict[str, torch.Tensor]:
+        """The 4-bit tensors of a projection (``{suffix: tensor}``, see :mod:`.bnb4bit`), of the ``experts``."""
+        suffixes = stack_tensor_shapes(*self.shapes[projection], self.PARTS[projection], self.bnb4bit)
+        return {suffix: getattr(self, projection + suffix)[experts] for suffix in suffixes}
+
+    def part_shape(self, projection: str) -> tuple[int, int]:
+        """``[out, in]`` of one expert's part of a projection (DeepSeek's per-expert gate, up or down weight)."""
+        _, rows, cols = self.shapes[projection]
+        return rows // self.PARTS[projection], cols
+
+    @torch.no_grad()
+    def set_part(self, projection: str, expert: int, part: int, values: torch.Tensor) -> None:
+        """Quantize one expert's part ``[out, in]`` (float, on its device) into a 4-bit stack, allocating
+        the stack on that device when it is still on the meta device."""
+        stack = self.stack_4bit(projection)
+        if stack[""].is_meta:
+            for suffix, tensor in stack.items():
+                empty = torch.zeros(tensor.shape, dtype=tensor.dtype, device=values.device)
+                if suffix:
+                    self._buffers[projection + suffix] = empty
+                else:
+                    self._parameters[projection] = nn.Parameter(empty, requires_grad=False)
+            stack = self.stack_4bit(projection)
+        for suffix, quantized in quantize_part(values, self.bnb4bit).items():
+            stack[suffix][expert, part, : quantized.numel()] = quantized
+
     def dequantized(self, projection: str, dtype: torch.dtype = torch.float32, experts: slice = slice(None)) -> torch.Tensor:
-        """A projection's stacked weights ``[experts, out, in]`` as ``dtype`` (dequantized if FP8)."""
+        """A projection's stacked weights ``[experts, out, in]`` as ``dtype`` (dequantized if FP8 or 4-bit)."""
+        if self.bnb4bit is not None:
+            chosen = list(range(self.num_experts))[experts]
+            return dequantize_experts(self.stack_4bit(projection), chosen, self.shapes[projection][1:], self.bnb4bit, dtype)
         weight = getattr(self, projection)[experts]
         if weight.dtype != FP8_DTYPE:
             return weight.to(dtype)
@@ -100,8 +144,14 @@ class ExpertChunk(nn.Module):
 
     @torch.no_grad()
     def set_weights(self, projection: str, values: torch.Tensor, experts: slice = slice(None)) -> None:
-        """Write float ``values`` ``[experts, out, in]`` into a projection (quantized if FP8)."""
+        """Write float ``values`` ``[experts, out, in]`` into a projection (quantized if FP8 or 4-bit)."""
         weight = getattr(self, projection)
+        if self.bnb4bit is not None:
+            parts = self.PARTS[projection]
+            for expert, expert_values in zip(list(range(self.num_experts))[experts], values):
+                for part, part_values in enumerate(expert_values.chunk(parts)):
+                    self.set_part(projection, expert, part, part_values.to(weight.device))
+            return
         if weight.dtype != FP8_DTYPE:
             weight.data[experts] = values.to(weight.device, weight.dtype)
             return
@@ -112,9 +162,9 @@ class ExpertChunk(nn.Module):
     @torch.no_grad()
     def merge_delta(self, projection: str, delta: torch.Tensor, safe: bool = False) -> None:
         """``weight += delta`` (``[experts, out, in]``) in float32, e.g. to merge a LoRA adapter; FP8
-        weights are re-quantized one expert at a time (never the whole chunk in float32)."""
+        and 4-bit weights are re-quantized one expert at a time (never the whole chunk in float32)."""
         weight = getattr(self, projection)
-        step = 1 if weight.dtype == FP8_DTYPE else weight.shape[0]
+        step = 1 if weight.dtype == FP8_DTYPE or self.bnb4bit is not None else weight.shape[0]
         for start in range(0, weight.shape[0], step):
             experts = slice(start, start + step)
             merged = self.dequantized(projection, experts=experts) + delta[experts].to(weight.device, torch.float32)
@@ -124,6 +174,8 @@ class ExpertChunk(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         fixed = (*self.PARTS, *(f"{p}_scale_inv" for p in self.PARTS)) if self.fp8 else ()  # FP8 stacks and scales
+        if self.bnb4bit is not None:  # 4-bit codes and their float32 statistics
+            fixed = tuple(p + suffix for p in self.PARTS for suffix in stack_tensor_shapes(*self.shapes[p], self.PARTS[p], self.bnb4bit))
         return keep_dtypes_apply(self, super()._apply, fn, recurse, fixed)
 
 

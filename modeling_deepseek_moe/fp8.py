@@ -13,13 +13,12 @@ import re
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .fixed_dtypes import keep_dtypes_apply
 from .fp8_cpu import decode_product
 from .fp8_cpu import dequantize as dequantize_by_kernel
-from .grouped_mm import columns_product
+from .frozen import DEQUANTIZE_BUDGET_BYTES, frozen_product, grouped_dequantizing_product, select_experts, tiled_linear
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -143,31 +142,6 @@ def quantize_tensors(tensors: dict[str, torch.Tensor], scale_fmt: str = "float")
 
 # ---------------------------------------------------------------------- compute
 FP8_COMPUTE_MODES = ("auto", "dequantize", "scaled")
-# Dequantized weights one grouped product may hold at a time (the rest of the model stays FP8). Small, so
-# that the allocator hands the same buffer back (fresh pages of a large one cost more than dequantizing).
-DEQUANTIZE_BUDGET_BYTES = 4 * 2**20
-
-
-class _FrozenProduct(torch.autograd.Function):
-    """``product(x)`` for a product with frozen (FP8) weights; the backward applies its transpose to the
-    gradient, so autograd keeps the FP8 weights only (dequantized again) instead of a float copy."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, product: Callable[[torch.Tensor, bool], torch.Tensor]) -> torch.Tensor:
-        ctx.product = product
-        return product(x, False)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        return ctx.product(grad.contiguous(), True), None
-
-
-def frozen_product(x: torch.Tensor, product: Callable[[torch.Tensor, bool], torch.Tensor]) -> torch.Tensor:
-    """``product(x, transposed=False)``, differentiable in ``x`` through ``product(grad, transposed=True)``."""
-    return _FrozenProduct.apply(x, product)
-
-
 def fp8_matmuls_available(device: torch.device) -> bool:
     """Whether ``device`` multiplies FP8 matrices natively (CUDA compute capability >= 8.9)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
@@ -221,15 +195,8 @@ def dequantized_row_tiles(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: 
 def row_tiled_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, transposed: bool, height: int,
                      block: tuple[int, int]) -> torch.Tensor:
     """``x @ W.T`` (or ``x @ W`` when ``transposed``) for the FP8 ``weight`` ``W`` ``[rows, cols]``, dequantized
-    ``height`` rows at a time (into x's dtype): output columns tile by tile, or a sum over the tiles."""
-    tiles = dequantized_row_tiles(weight, scale_inv, x.dtype, block, height)
-    if not transposed:
-        return torch.cat([F.linear(x, tile) for _, _, tile in tiles], dim=-1)
-    total = None
-    for top, bottom, tile in tiles:
-        part = x[..., top:bottom] @ tile
-        total = part if total is None else total.add_(part)
-    return total
+    ``height`` rows at a time (into x's dtype)."""
+    return tiled_linear(x, dequantized_row_tiles(weight, scale_inv, x.dtype, block, height), transposed)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
@@ -341,45 +308,23 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torc
     output = decode_product(weight, scale_inv, rows, offsets, weight.shape[1] // parts, block, most_rows)
     if output is not None:
         return output
-    return frozen_product(rows.t(), _dequantizing_product(weight, scale_inv, ends, parts, block)).t()
+    return frozen_product(rows.t(), _dequantizing_product(weight, scale_inv, ends, parts, block, rows.dtype)).t()
 
 
 def _dequantizing_product(weight: torch.Tensor, scale_inv: torch.Tensor, ends: list[int], parts: int,
-                          block: tuple[int, int]) -> Callable[[torch.Tensor, bool], torch.Tensor]:
-    """``product(columns, transposed)`` for :func:`frozen_product`: feature-major ``columns`` ``[in, n]``
-    through each expert's dequantized weight (or its transpose), experts in batches within the budget, an
-    expert over it by row tiles."""
-    starts = [0, *ends[:-1]]
-    active = [expert for expert, (start, end) in enumerate(zip(starts, ends)) if end > start]
+                          block: tuple[int, int], dtype: torch.dtype) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+    """:func:`.frozen.grouped_dequantizing_product` over FP8 stacks: experts dequantized within the budget, an
+    expert over it (DeepSeek-V3's gate/up: 117 MB in float32) by row tiles."""
+    tile_rows = row_tile_height(weight, dtype, block, DEQUANTIZE_BUDGET_BYTES, parts)
 
-    def product(inputs: torch.Tensor, transposed: bool) -> torch.Tensor:
-        if not active:
-            return inputs.new_zeros(weight.shape[2 if transposed else 1], inputs.shape[1])
-        per_batch = max(1, DEQUANTIZE_BUDGET_BYTES // (weight[0].numel() * inputs.element_size()))
-        # An expert over the budget (DeepSeek-V3's gate/up: 117 MB in float32) goes by row tiles.
-        tile_rows = row_tile_height(weight, inputs.dtype, block, DEQUANTIZE_BUDGET_BYTES, parts)
-        outputs = []
-        for first in range(0, len(active), per_batch):
-            experts = active[first : first + per_batch]
-            if tile_rows < weight.shape[1]:  # batches of one expert
-                (expert,) = experts
-                rows = inputs[:, starts[expert] : ends[expert]].t()  # feature-major -> rows, and back
-                outputs.append(row_tiled_linear(rows, weight[expert], scale_inv[expert], transposed, tile_rows, block).t())
-                continue
-            if experts[-1] - experts[0] == len(experts) - 1:  # consecutive experts: views, no copy
-                chosen = slice(experts[0], experts[-1] + 1)
-                stack, scales = weight[chosen], scale_inv[chosen]
-            else:
-                index = torch.tensor(experts, device=weight.device)
-                stack, scales = weight.index_select(0, index), scale_inv.index_select(0, index)
-            dense = dequantize_stacked(stack, scales, parts, inputs.dtype, block)
-            begin = starts[experts[0]]
-            local_offsets = torch.tensor([ends[e] - begin for e in experts], dtype=torch.int32, device=inputs.device)
-            outputs.append(columns_product(dense.transpose(1, 2) if transposed else dense,
-                                           inputs[:, begin : ends[experts[-1]]], local_offsets))
-        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+    def dequantize(experts: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_stacked(select_experts(weight, experts), select_experts(scale_inv, experts), parts, dtype, block)
 
-    return product
+    def row_tiled(expert: int, expert_rows: torch.Tensor, transposed: bool) -> torch.Tensor:
+        return row_tiled_linear(expert_rows, weight[expert], scale_inv[expert], transposed, tile_rows, block)
+
+    return grouped_dequantizing_product(ends, tuple(weight.shape[1:]), dequantize, DEQUANTIZE_BUDGET_BYTES,
+                                        row_tiled if tile_rows < weight.shape[1] else None)
 
 
 # The grouped FP8 product as one opaque operator for compile and export (as grouped_mm's): inside, it runs
@@ -392,7 +337,7 @@ def _fp8_grouped_rows(rows: torch.Tensor, weight: torch.Tensor, scale_inv: torch
 
 def _fp8_grouped_rows_backward(grad: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, offsets: torch.Tensor,
                                parts: int, block_rows: int, block_cols: int) -> torch.Tensor:
-    product = _dequantizing_product(weight, scale_inv, offsets.tolist(), parts, (block_rows, block_cols))
+    product = _dequantizing_product(weight, scale_inv, offsets.tolist(), parts, (block_rows, block_cols), grad.dtype)
     return product(grad.t().contiguous(), True).t()
 
 
@@ -455,7 +400,9 @@ def fp8_settings(config) -> dict | None:
     """``{"block", "mode", "scale_fmt"}`` of a config whose ``quantization_config`` asks for DeepSeek's
     block-wise FP8, else None."""
     quantization = getattr(config, "quantization_config", None)
-    if not quantization:
+    if hasattr(quantization, "to_dict"):  # transformers' loading contract leaves its config object there
+        quantization = quantization.to_dict()
+    if not quantization or quantization.get("quant_method") != "fp8":
         return None
     return {"block": tuple(quantization.get("weight_block_size", BLOCK)), "mode": config.fp8_compute,
             "scale_fmt": quantization.get("scale_fmt") or "float"}

@@ -66,7 +66,7 @@ class OfficialLayout:
             self.experts_per_chunk = config.n_routed_experts // config.num_expert_chunks
         self.intermediate = config.moe_intermediate_size
         quantization = getattr(config, "quantization_config", None) or {}
-        block_rows = quantization.get("weight_block_size", [128])[0]
+        block_rows = (quantization if isinstance(quantization, dict) else {}).get("weight_block_size", [128])[0]
         # Where a stacked gate_up tensor's up part starts: row I of the weight, row ceil(I/128) of its scales.
         self.gate_up_split = {False: self.intermediate, True: -(-self.intermediate // block_rows) if self.intermediate else None}
 

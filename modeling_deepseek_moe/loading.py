@@ -6,7 +6,8 @@ its final dtype. Every backbone tensor must come from the checkpoint and every c
 backbone must find a parameter: anything else is a :class:`CheckpointError` naming the key and the file.
 Task heads are the exception, as in transformers: a head the checkpoint lacks is initialised by the model's
 ``_init_weights`` and a head the model lacks is ignored, both listed in transformers' load report and in
-``output_loading_info``; ``ignore_mismatched_sizes=True`` re-initialises tensors whose shape differs.
+``output_loading_info``; ``ignore_mismatched_sizes=True`` re-initialises tensors whose shape differs. A bitsandbytes
+``quantization_config`` (4-bit) quantizes the weights as they are read (:mod:`.bnb4bit`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig
 
+from .bnb4bit import Bnb4bitFiller, is_bitsandbytes_config, quantizer_for
 from .compat import checked_device_map, log_loading_report, new_loading_info
 from .layout import CHUNK_PARAM, LAYER_KEY, MTP_SHARED_COPIES, OFFICIAL_MODEL_TYPES, OfficialLayout, Slot
 from .safetensors_io import CheckpointError, checkpoint_files, open_safetensors, read_tensor
@@ -38,7 +40,8 @@ def load_pretrained(cls, name_or_path: str | os.PathLike | None, *model_args, **
     repository), or from ``state_dict`` (this package's parameter names or DeepSeek's) with
     ``name_or_path=None`` and a ``config``. Returns the model in eval mode, with
     ``output_loading_info=True`` also transformers' ``{"missing_keys", "unexpected_keys",
-    "mismatched_keys", "error_msgs"}``."""
+    "mismatched_keys", "error_msgs"}``. ``quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...)``
+    loads a float checkpoint into bitsandbytes 4-bit weights, routed experts included."""
     if model_args:
         raise TypeError(f"{cls.__name__}.from_pretrained takes no positional model arguments, got {model_args}")
     config = kwargs.pop("config", None)
@@ -53,6 +56,11 @@ def load_pretrained(cls, name_or_path: str | os.PathLike | None, *model_args, **
     attn_implementation = kwargs.pop("attn_implementation", None)
     generation_config = kwargs.pop("generation_config", None)
     subfolder = kwargs.pop("subfolder", None) or ""
+    if is_bitsandbytes_config(kwargs.get("quantization_config")):  # any other is a config override (FP8)
+        quantizer = quantizer_for(kwargs.pop("quantization_config"))
+        quantizer.validate_environment(device_map=device_map)  # no device_map: the CPU, as without quantization
+    else:
+        quantizer = None
     hub_kwargs = {key: kwargs.pop(key) for key in HUB_ARGUMENTS if key in kwargs}
     for ignored in IGNORED_ARGUMENTS:
         kwargs.pop(ignored, None)
@@ -79,14 +87,27 @@ def load_pretrained(cls, name_or_path: str | os.PathLike | None, *model_args, **
         config._attn_implementation = attn_implementation
     dtype = resolve_dtype(dtype, config, state_dict)
     config.dtype = dtype
+    if quantizer is not None:
+        if config.quantization_config:
+            raise CheckpointError(f"{directory or 'state_dict'}: the checkpoint is already quantized "
+                                  f"({config.quantization_config.get('quant_method')!r}); bitsandbytes quantizes float "
+                                  f"weights: dequantize it first (deepseek-moe-convert dequantize)")
+        config.quantization_config = quantizer.quantization_config.to_dict()
+        config.validate_architecture()  # 4-bit only
 
     with torch.device("meta"):
         model = cls(config)
+    if quantizer is not None:  # attention and dense projections -> Linear4bit, by transformers
+        quantizer.preprocess_model(model, device_map=device_map)
     device_map = resolve_device_map(model, device_map, max_memory, dtype)
     layout = OfficialLayout(config)
     source = CheckpointFolder(directory) if state_dict is None else StateDictCheckpoint(state_dict, layout)
-    filler = StateFiller(model, layout, dtype, device_map, ignore_mismatched_sizes)
+    filler = StateFiller(model, layout, dtype, device_map, ignore_mismatched_sizes,
+                         quantized=Bnb4bitFiller() if quantizer is not None else None)
     filler.fill_from(source)
+    if quantizer is not None:
+        quantizer.postprocess_model(model)
+        model.hf_quantizer = quantizer
     model.eval()
     model.name_or_path = str(name_or_path) if name_or_path is not None else ""
     if generation_config is not None:
@@ -243,19 +264,21 @@ class StateDictCheckpoint:
 
 # ---------------------------------------------------------------------- filling the model
 def kept_dtype(attr: str, current: torch.Tensor) -> bool:
-    """Tensors that keep their own dtype whatever the model dtype: FP8 weights, their float32 scales and
-    V3's float32 router bias."""
-    return current.dtype == torch.float8_e4m3fn or attr.endswith("_scale_inv") or (
+    """Tensors that keep their own dtype whatever the model dtype: FP8 weights, their float32 scales,
+    V3's float32 router bias and integer ones (bitsandbytes' 4-bit codes)."""
+    return current.dtype == torch.float8_e4m3fn or attr.endswith("_scale_inv") or not current.is_floating_point() or (
         current.dtype == torch.float32 and attr == "e_score_correction_bias")
 
 
 class StateFiller:
     """Allocates each parameter on its device in its dtype, copies checkpoint tensors into it, then lets the
-    model's ``_init_weights`` initialise what no checkpoint holds (task heads, non-persistent buffers)."""
+    model's ``_init_weights`` initialise what no checkpoint holds (task heads, non-persistent buffers).
+    ``quantized`` (a :class:`.bnb4bit.Bnb4bitFiller`) quantizes the tensors it claims as they are read."""
 
     def __init__(self, model, layout: OfficialLayout, dtype: torch.dtype, device_map: dict,
-                 ignore_mismatched_sizes: bool = False) -> None:
+                 ignore_mismatched_sizes: bool = False, quantized: Bnb4bitFiller | None = None) -> None:
         self.model = model
+        self.quantized = quantized
         self.layout = layout
         self.dtype = dtype
         self.device_map = device_map
@@ -326,7 +349,11 @@ class StateFiller:
     def fill(self, key: str, slot: Slot, tensor: torch.Tensor, path: str) -> None:
         module, attr, is_param = self.targets[slot.param]
         current = getattr(module, attr)
-        expected = current.shape if slot.index is None else current[slot.index][slot.rows or slice(None)].shape
+        quantized = self.quantized is not None and self.quantized.claims(module, attr)
+        if quantized:
+            expected = self.quantized.expected_shape(module, attr)
+        else:
+            expected = current.shape if slot.index is None else current[slot.index][slot.rows or slice(None)].shape
         if tuple(tensor.shape) != tuple(expected):
             if not self.ignore_mismatched_sizes:
                 raise CheckpointError(f"{path}: tensor {key!r} has shape {list(tensor.shape)}, expected "
@@ -342,6 +369,12 @@ class StateFiller:
             raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected {expected}")
         dtype = current.dtype if kept_dtype(attr, current) else self.dtype
         device = device_for(slot.param.removeprefix(self.prefix), self.device_map)
+        rows = slot.rows or slice(None)
+        if quantized:
+            part = None if slot.index is None else (slot.index, (rows.start or 0) // expected[0])
+            self.quantized.fill(module, attr, part, tensor.to(device=device, dtype=self.dtype))
+            self.filled[slot.param].add(None if slot.index is None else (slot.index, rows.start))
+            return
         if slot.index is None:
             self.assign(module, attr, is_param, tensor.to(device=device, dtype=dtype, copy=True))
             self.filled[slot.param].add(None)
@@ -349,7 +382,6 @@ class StateFiller:
         if current.is_meta:
             current = torch.empty(current.shape, dtype=dtype, device=device)
             self.assign(module, attr, is_param, current)
-        rows = slot.rows or slice(None)
         with torch.no_grad():
             current.data[slot.index][rows].copy_(tensor)
         self.filled[slot.param].add((slot.index, rows.start))

@@ -99,7 +99,7 @@ class ExpertChunkLora(nn.Module, LoraLayer):
         self.update_layer(adapter_name, r, lora_alpha, config)
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        return module.gate_up_proj.shape[-1], module.gate_up_proj.shape[-1]
+        return module.shapes["gate_up_proj"][-1], module.shapes["gate_up_proj"][-1]
 
     def factors(self, projection: str) -> tuple[nn.ParameterDict, nn.ParameterDict]:
         prefix = "lora_gate_up" if projection == "gate_up_proj" else "lora_down"
@@ -114,8 +114,8 @@ class ExpertChunkLora(nn.Module, LoraLayer):
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         for projection in self.PROJECTIONS:
-            weight = getattr(base, projection)  # [experts, out, in]
-            experts, out_features, in_features = weight.shape
+            weight = getattr(base, projection)  # [experts, out, in], or its compressed form
+            experts, out_features, in_features = base.shapes[projection]
             factor_a, factor_b = self.factors(projection)
             dtype = weight.dtype if weight.dtype in TRAINABLE_DTYPES else torch.float32
             a = torch.empty(experts, r, in_features, device=weight.device, dtype=dtype)

@@ -81,7 +81,7 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
             for name in module.PARTS:
                 weight = getattr(module, name)
                 if not getattr(weight, "_is_hf_initialized", False):
-                    module.set_weights(name, torch.randn(weight.shape, device=weight.device) * std)
+                    module.set_weights(name, torch.randn(module.shapes[name], device=weight.device) * std)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
 
@@ -110,7 +110,13 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
         **kwargs,
     ) -> None:
         """Write the official layout (DeepSeek's tensor names, shapes and dtypes), a config naming this
-        package's model_type with ``auto_map``, and the modeling code for ``trust_remote_code``."""
+        package's model_type with ``auto_map``, and the modeling code for ``trust_remote_code``. A model
+        loaded in bitsandbytes 4-bit is refused (save its adapters; merge them into the float checkpoint)."""
+        if getattr(self, "is_loaded_in_4bit", False):
+            raise NotImplementedError(
+                f"{type(self).__name__}.save_pretrained: this model was loaded in bitsandbytes 4-bit, which DeepSeek's "
+                "layout cannot hold; save the LoRA adapters (peft_model.save_pretrained) and merge them into the "
+                "float or FP8 checkpoint with `deepseek-moe-convert merge-lora`")
         save_official_checkpoint(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
         if push_to_hub:  # transformers' push_to_hub saves through this method into a temporary folder
             repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))

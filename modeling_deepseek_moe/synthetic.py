@@ -156,6 +156,15 @@ TINY_OFFICIAL_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# Overrides of TINY_OFFICIAL_CONFIGS that make every projection's input width whole 64-value blocks, as in
+# DeepSeek's released models: bitsandbytes 0.50's 4-bit CPU kernel misplaces block scales otherwise.
+WHOLE_BLOCK_WIDTHS: dict[str, dict[str, int]] = {
+    "v1": {"intermediate_size": 128, "moe_intermediate_size": 64},
+    "v2": {"intermediate_size": 128, "moe_intermediate_size": 64, "kv_lora_rank": 64, "q_lora_rank": 64},
+    "v3": {"intermediate_size": 128, "moe_intermediate_size": 64, "kv_lora_rank": 64, "q_lora_rank": 64},
+}
+
+
 def tiny_official_config(family: str, **overrides: Any) -> dict[str, Any]:
     """A copy of ``TINY_OFFICIAL_CONFIGS[family]`` ("v1", "v2", "v3") with ``overrides`` applied."""
     config = json.loads(json.dumps(TINY_OFFICIAL_CONFIGS[family]))

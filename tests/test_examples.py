@@ -62,3 +62,16 @@ def test_finetune_ends_its_process_group_and_threads_on_every_rank(tmp_path):
     of gloo's threads (kept alive by DDP's reference, they were joined later by a destructor holding the
     GIL, or not before the interpreter finalized)."""
     spawn_ranks(_finetune_rank, 2, str(tmp_path))
+
+
+def test_finetune_qlora_lowers_the_loss(tmp_path):
+    """``finetune.py --qlora``: LoRA on the tiny model's bitsandbytes nf4 base, end to end (skipped without
+    bitsandbytes)."""
+    pytest.importorskip("bitsandbytes")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, os.path.join(EXAMPLES, "finetune.py"), "--qlora", "--steps", "20",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = {line.split()[0]: float(line.split()[2]) for line in done.stdout.splitlines() if line.startswith(("first log", "last log"))}
+    assert losses["last"] < losses["first"] - 0.5, done.stdout
+    assert os.path.isfile(tmp_path / "final" / "adapter_model.safetensors")  # the adapters, not a 4-bit model
