@@ -79,9 +79,12 @@ def gemm_flops_per_second(dtype: torch.dtype, rounds: int) -> float:
 
 
 def gemv_bytes_per_second(dtype: torch.dtype, rounds: int) -> float:
+    """A large GEMV's weight bytes per second, the faster of F.linear and torch.mv (in bf16 torch.mv reads
+    faster on this CPU: modeling_deepseek_moe/linear.py)."""
     weight, vector = torch.randn(16384, 4096, dtype=dtype), torch.randn(1, 4096, dtype=dtype)
-    times = interleaved({"gemv": lambda: torch.nn.functional.linear(vector, weight)}, rounds=rounds, warmup=2)["gemv"]
-    return weight.numel() * weight.element_size() / statistics.median(times)
+    times = interleaved({"linear": lambda: torch.nn.functional.linear(vector, weight),
+                         "mv": lambda: torch.mv(weight, vector[0])}, rounds=rounds, warmup=2)
+    return weight.numel() * weight.element_size() / min(statistics.median(t) for t in times.values())
 
 
 def generate(model, prompt: torch.Tensor, new_tokens: int, compiled: bool) -> None:
@@ -104,11 +107,12 @@ def ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> fl
 def measure_dtype(directory: str, dtype: torch.dtype, args) -> dict:
     name = str(dtype).removeprefix("torch.")
     load_times = {"ours": [], "native": []}
-    for round_index in range(2):  # loading: each model twice, alternating, the page cache warm after the first
+    for round_index in range(-1, args.rounds):  # loading, alternating; round -1 warms the page cache, untimed
         for kind in ("ours", "native") if round_index % 2 == 0 else ("native", "ours"):
             start = time.perf_counter()
             model = load(kind, directory, dtype)
-            load_times[kind].append(time.perf_counter() - start)
+            if round_index >= 0:
+                load_times[kind].append(time.perf_counter() - start)
             del model
             gc.collect()
     models = {kind: load(kind, directory, dtype) for kind in ("ours", "native")}

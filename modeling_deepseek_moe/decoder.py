@@ -10,6 +10,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import MultiHeadAttention, MultiHeadLatentAttention
 from .configuration import DeepseekMoEConfig
+from .linear import linear_layer
 from .mlp import DenseMLP
 from .moe import MoEBlock
 from .routing import RouterOutput
@@ -58,7 +59,7 @@ class MultiTokenPredictionLayer(DeepseekMoEDecoderLayer):
         super().__init__(config, layer_idx=config.num_hidden_layers + depth)
         self.enorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = linear_layer(config, 2 * config.hidden_size, config.hidden_size)
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 

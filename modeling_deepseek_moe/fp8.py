@@ -19,6 +19,7 @@ from .fixed_dtypes import keep_dtypes_apply
 from .fp8_cpu import decode_product
 from .fp8_cpu import dequantize as dequantize_by_kernel
 from .frozen import DEQUANTIZE_BUDGET_BYTES, frozen_product, grouped_dequantizing_product, select_experts, tiled_linear
+from .linear import linear_layer
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -410,8 +411,8 @@ def fp8_settings(config) -> dict | None:
 
 def projection(config, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
     """A weight DeepSeek quantizes (attention and MLP projections): :class:`FP8Linear` when the config's
-    ``quantization_config`` is FP8, a plain ``nn.Linear`` otherwise."""
+    ``quantization_config`` is FP8, a float one (:func:`.linear.linear_layer`) otherwise."""
     settings = fp8_settings(config)
     if settings is None:
-        return nn.Linear(in_features, out_features, bias=bias)
+        return linear_layer(config, in_features, out_features, bias)
     return FP8Linear(in_features, out_features, bias=bias, **settings)

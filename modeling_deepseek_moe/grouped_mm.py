@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .linear import linear
+
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -65,6 +67,18 @@ def _looped_weight_grad(grad: torch.Tensor, columns: torch.Tensor, offsets: torc
     return grad_weight
 
 
+def _rows_group_by_group(weight: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``rows[group g] @ weight[g].T`` for the groups with rows, one :func:`.linear.linear` each (a single
+    half-precision row: a matrix-vector product, 0.66x grouped_mm's time for 6 V2-Lite experts in bf16)."""
+    output = rows.new_empty(rows.shape[0], weight.shape[1])
+    start = 0
+    for group, end in enumerate(offsets.tolist()):
+        if end > start:
+            output[start:end] = linear(rows[start:end], weight[group])
+        start = end
+    return output
+
+
 def few_rows(rows: int, groups: int) -> bool:
     """Decode-sized batches, at most one row per two groups: most groups are empty or one row wide, a
     product MKL runs faster as ``row @ weight.T`` than as ``weight @ column`` (406 vs 504 us per V3
@@ -83,6 +97,8 @@ def columns_product(weight: torch.Tensor, columns: torch.Tensor, offsets: torch.
     if not _grouped_mm_supported(weight, columns):
         return _looped_group_mm(weight, columns, offsets)
     if columns.device.type == "cpu" and few_rows(columns.shape[1], weight.shape[0]) and weight.stride(-1) == 1:
+        if columns.dtype in (torch.bfloat16, torch.float16):  # mostly one row per expert: see .linear
+            return _rows_group_by_group(weight, columns.t(), offsets).t()
         # (weight.transpose(1, 2) is then column-major: a row-major right operand is slow in bf16)
         return _GROUPED_MM(_aligned_for_cpu(columns.t()), weight.transpose(1, 2), offs=offsets).t()
     if columns.device.type == "cpu" and columns.stride(0) != 1 and not _fast_row_major(columns):

@@ -31,6 +31,7 @@ from .configuration import DeepseekMoEConfig, DeepseekMoEV1Config, DeepseekMoEV2
 from .decoder import DeepseekMoEDecoderLayer, MultiTokenPredictionLayer
 from .experts import ExpertChunk
 from .fp8 import FP8Linear
+from .linear import linear_layer
 from .mtp import mtp_loss, speculative_generate
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -221,7 +222,7 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = self.base_model_class(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = linear_layer(config, config.hidden_size, config.vocab_size)
         self.post_init()
         attach_training_hooks(self)  # keeps the last balance loss for the logs
 

@@ -1,0 +1,47 @@
+"""Linear layers for decoding on the CPU: a product of one bf16 (or fp16) row runs as a matrix-vector product.
+
+torch 2.13's CPU ``F.linear`` sends a single bf16 row through its GEMM path, which reads the weight at ~21
+GB/s on this project's machine; ``torch.mv`` reads it at ~26 GB/s from memory and faster from cache: 0.57-0.82x
+the time for DeepSeek's projection shapes, the same numbers (``benchmarks/bench_e2e.py``'s profile; float32
+runs the same either way). A decoding step of one sequence is made of such products.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` is one half-precision row on the CPU without gradients (eager)."""
+    return (x.device.type == "cpu" and x.dtype in _HALF_DTYPES and weight.dtype == x.dtype
+            and x.numel() == x.shape[-1] and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; one half-precision row on the CPU as ``torch.mv``."""
+    if not one_row(x, weight):
+        return F.linear(x, weight, bias)
+    output = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    return output if bias is None else output + bias
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear` (same parameters, state dict and PEFT handling)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def linear_layer(config, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
+    """A float linear layer of the model: :class:`Linear`, or a plain ``nn.Linear`` where the config asks for
+    bitsandbytes (transformers' quantizer replaces exact ``nn.Linear`` modules only)."""
+    from .bnb4bit import is_bitsandbytes_config  # (bnb4bit -> frozen -> grouped_mm import this module)
+
+    if is_bitsandbytes_config(getattr(config, "quantization_config", None)):
+        return nn.Linear(in_features, out_features, bias=bias)
+    return Linear(in_features, out_features, bias=bias)
