@@ -79,9 +79,10 @@ def gemm_flops_per_second(dtype: torch.dtype, rounds: int) -> float:
 
 
 def gemv_bytes_per_second(dtype: torch.dtype, rounds: int) -> float:
-    """A large GEMV's weight bytes per second, the faster of F.linear and torch.mv (in bf16 torch.mv reads
-    faster on this CPU: modeling_deepseek_moe/linear.py)."""
-    weight, vector = torch.randn(16384, 4096, dtype=dtype), torch.randn(1, 4096, dtype=dtype)
+    """A large GEMV's weight bytes per second from memory, the faster of F.linear and torch.mv (in bf16
+    torch.mv reads faster on this CPU: modeling_deepseek_moe/linear.py)."""
+    # 1 GB of bf16 weights (2 GB float32), well beyond the last-level cache, as a decoded token's weights are
+    weight, vector = torch.randn(131072, 4096, dtype=torch.bfloat16).to(dtype), torch.randn(1, 4096, dtype=dtype)
     times = interleaved({"linear": lambda: torch.nn.functional.linear(vector, weight),
                          "mv": lambda: torch.mv(weight, vector[0])}, rounds=rounds, warmup=2)
     return weight.numel() * weight.element_size() / min(statistics.median(t) for t in times.values())
