@@ -20,7 +20,6 @@ from .bnb4bit import PACKED_DTYPE, dequantize_linear_4bit
 from .configuration import DeepseekMoEConfig
 from .fp8 import FP8Linear, fp8_settings, projection
 from .fp8_cpu import head_rows_product
-from .linear import Linear
 from .norm import RMSNorm
 from .rope import apply_rotary_interleaved, softmax_scale
 
@@ -102,7 +101,7 @@ class MultiHeadLatentAttention(nn.Module):
         """Attend in the latent space? Only with a plain ``kv_b_proj`` (an adapter-wrapped one changes the
         weight the absorption would read) and eager/sdpa masks."""
         mode = self.config.mla_absorb
-        if mode == "never" or type(self.kv_b_proj) not in (nn.Linear, Linear, FP8Linear):
+        if mode == "never" or hasattr(self.kv_b_proj, "base_layer"):  # PEFT's adapter layers wrap a base_layer
             return False
         if self.config._attn_implementation not in ("eager", "sdpa"):
             return False
