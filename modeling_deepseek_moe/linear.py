@@ -16,18 +16,27 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` is one half-precision row on the CPU without gradients (eager)."""
+    """Whether ``x @ weight.T`` is one half-precision row on the CPU without gradients."""
     return (x.device.type == "cpu" and x.dtype in _HALF_DTYPES and weight.dtype == x.dtype
-            and x.numel() == x.shape[-1] and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; one half-precision row on the CPU as ``torch.mv``."""
+    """``F.linear(x, weight, bias)``; one half-precision row on the CPU as ``torch.mv`` (compiled: as an
+    opaque operator running it, since Inductor would generate its own loop)."""
     if not one_row(x, weight):
         return F.linear(x, weight, bias)
-    output = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    product = torch.ops.deepseek_moe.matrix_vector if torch.compiler.is_compiling() else torch.mv
+    output = product(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     return output if bias is None else output + bias
+
+
+torch.library.custom_op("deepseek_moe::matrix_vector", torch.mv, mutates_args=(), schema="(Tensor weight, Tensor row) -> Tensor")
+
+
+@torch.library.register_fake("deepseek_moe::matrix_vector")
+def _matrix_vector_shape(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    return row.new_empty(weight.shape[0])
 
 
 class Linear(nn.Linear):

@@ -49,3 +49,10 @@ def test_few_rows_of_bf16_experts_row_by_row():
     expert_of_column = torch.repeat_interleave(torch.arange(8), counts)
     expected = torch.einsum("coi,ic->oc", weight[expert_of_column].float(), columns.float())
     assert output.shape == (24, 4) and relative_error(output, expected) < 2**-7
+
+
+def test_compiled_one_row_equals_eager():
+    layer = Linear(64, 32).to(torch.bfloat16)
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(layer, fullgraph=True)(x), layer(x))
