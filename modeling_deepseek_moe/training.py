@@ -23,7 +23,6 @@ import weakref
 import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from transformers import TrainerCallback
 
 from .routing import RouterOutput, TopKRouter, tokens_per_expert
 
@@ -133,22 +132,37 @@ def track_optimizer_steps(model: torch.nn.Module) -> None:
         _HOOK_HANDLE = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
-class RouterStatsCallback(TrainerCallback):
-    """Adds ``moe/max_vio`` (mean over layers of the last step's MaxVio), ``moe/max_vio_worst`` and
-    ``moe/aux_loss`` to ``Trainer``'s logs: the printed ones and ``state.log_history`` (report_to
-    integrations listed before this callback log before it runs)."""
+def _router_stats_callback() -> type:
+    from transformers import TrainerCallback
 
-    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-        if model is None or logs is None:
-            return
-        entries = {}
-        violations = [max_violation(r.last_step_load) for r in routers(model).values() if r.last_step_load.sum() > 0]
-        if violations:
-            entries["moe/max_vio"] = round(sum(violations) / len(violations), 4)
-            entries["moe/max_vio_worst"] = round(max(violations), 4)
-        losses = [_LAST_BALANCE_LOSS[m] for m in model.modules() if m in _LAST_BALANCE_LOSS]
-        if losses:
-            entries["moe/aux_loss"] = round(float(losses[0].float().cpu()), 6)
-        logs.update(entries)
-        if state.log_history:
-            state.log_history[-1].update(entries)
+    class RouterStatsCallback(TrainerCallback):
+        """Adds ``moe/max_vio`` (mean over layers of the last step's MaxVio), ``moe/max_vio_worst`` and
+        ``moe/aux_loss`` to ``Trainer``'s logs: the printed ones and ``state.log_history`` (report_to
+        integrations listed before this callback log before it runs)."""
+
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            if model is None or logs is None:
+                return
+            entries = {}
+            violations = [max_violation(r.last_step_load) for r in routers(model).values() if r.last_step_load.sum() > 0]
+            if violations:
+                entries["moe/max_vio"] = round(sum(violations) / len(violations), 4)
+                entries["moe/max_vio_worst"] = round(max(violations), 4)
+            losses = [_LAST_BALANCE_LOSS[m] for m in model.modules() if m in _LAST_BALANCE_LOSS]
+            if losses:
+                entries["moe/aux_loss"] = round(float(losses[0].float().cpu()), 6)
+            logs.update(entries)
+            if state.log_history:
+                state.log_history[-1].update(entries)
+
+    return RouterStatsCallback
+
+
+def __getattr__(name: str):
+    """``RouterStatsCallback`` is defined on first use: transformers' ``TrainerCallback`` imports its trainer
+    utilities, and they PEFT and bitsandbytes where installed (1.4 s, and a line on stderr from bitsandbytes on
+    some CPUs), which loading and generating never need."""
+    if name == "RouterStatsCallback":
+        globals()[name] = _router_stats_callback()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
