@@ -48,14 +48,25 @@ def _aligned_for_cpu(matrix: torch.Tensor) -> torch.Tensor:
     return matrix.new_empty(rows, -(-cols // per_16_bytes) * per_16_bytes)[:, :cols].copy_(matrix)
 
 
-def _looped_group_mm(weight: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Reference for :func:`columns_product`, one group at a time."""
-    output = columns.new_empty(weight.shape[1], columns.shape[1])
+def _looped_rows_product(weight: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``rows[group g] @ weight[g].T`` -> ``[n, out]``, one :func:`.linear.linear` per group with rows: the
+    fallback where the build has no grouped kernel, and decode-sized half-precision batches (a single row is
+    a matrix-vector product there: 0.66x grouped_mm's time for 6 V2-Lite experts in bf16). Empty groups are
+    skipped (~3 us each)."""
+    if rows.shape[0] == 0:  # no group has rows: one empty product, so that autograd still sees both operands
+        return linear(rows, weight[0])
+    output = rows.new_empty(rows.shape[0], weight.shape[1])
     start = 0
     for group, end in enumerate(offsets.tolist()):
-        output[:, start:end] = weight[group] @ columns[:, start:end]
+        if end > start:
+            output[start:end] = linear(rows[start:end], weight[group])
         start = end
     return output
+
+
+def _looped_group_mm(weight: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`columns_product`, one group at a time (feature-major in and out)."""
+    return _looped_rows_product(weight, columns.t(), offsets).t()
 
 
 def _looped_weight_grad(grad: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor, groups: int) -> torch.Tensor:
@@ -65,18 +76,6 @@ def _looped_weight_grad(grad: torch.Tensor, columns: torch.Tensor, offsets: torc
         grad_weight[group] = grad[:, start:end] @ columns[:, start:end].t()
         start = end
     return grad_weight
-
-
-def _rows_group_by_group(weight: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``rows[group g] @ weight[g].T`` for the groups with rows, one :func:`.linear.linear` each (a single
-    half-precision row: a matrix-vector product, 0.66x grouped_mm's time for 6 V2-Lite experts in bf16)."""
-    output = rows.new_empty(rows.shape[0], weight.shape[1])
-    start = 0
-    for group, end in enumerate(offsets.tolist()):
-        if end > start:
-            output[start:end] = linear(rows[start:end], weight[group])
-        start = end
-    return output
 
 
 def few_rows(rows: int, groups: int) -> bool:
@@ -98,7 +97,7 @@ def columns_product(weight: torch.Tensor, columns: torch.Tensor, offsets: torch.
         return _looped_group_mm(weight, columns, offsets)
     if columns.device.type == "cpu" and few_rows(columns.shape[1], weight.shape[0]) and weight.stride(-1) == 1:
         if columns.dtype in (torch.bfloat16, torch.float16):  # mostly one row per expert: see .linear
-            return _rows_group_by_group(weight, columns.t(), offsets).t()
+            return _looped_group_mm(weight, columns, offsets)
         # (weight.transpose(1, 2) is then column-major: a row-major right operand is slow in bf16)
         return _GROUPED_MM(_aligned_for_cpu(columns.t()), weight.transpose(1, 2), offs=offsets).t()
     if columns.device.type == "cpu" and columns.stride(0) != 1 and not _fast_row_major(columns):
@@ -138,7 +137,7 @@ def _rows_product(rows: torch.Tensor, matrices: torch.Tensor, offsets: torch.Ten
         return rows.new_zeros(0, matrices.shape[2])
     if _grouped_mm_supported(matrices, rows):
         return _GROUPED_MM(_aligned_for_cpu(rows), matrices, offs=offsets)
-    return _looped_group_mm(matrices.transpose(1, 2), rows.t(), offsets).t()
+    return _looped_rows_product(matrices.transpose(1, 2), rows, offsets)
 
 
 def _grouped_rows_eager(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
