@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .grouped_mm import few_rows
+from .grouped_mm import bucketed_width, few_rows
 from .routing import tokens_per_expert
 
 # Input rows (bytes) of one slice of experts run together on the CPU (see sliced_mixture).
@@ -128,7 +128,10 @@ def sliced_mixture(experts, hidden_states: torch.Tensor, topk_indices: torch.Ten
             begin, end = starts[base + first], ends[base + last - 1]
             token = slots.token[begin:end]
             offsets = torch.tensor(ends[base + first : base + last], dtype=torch.int32, device=device) - begin
-            rows = hidden_states.index_select(0, token).to(device)  # [slice slots, hidden]
+            # [slice slots, hidden], the view of a buffer with room for the products' bucketed width (rows
+            # of token 0 after them), which they read in place
+            room = token.new_zeros(bucketed_width(len(token)) - len(token))
+            rows = hidden_states.index_select(0, torch.cat([token, room]))[: len(token)].to(device)
             chunk_experts = slice(None) if (first, last) == (0, per_chunk) else slice(first, last)
             outputs = chunk(rows, offsets, slots.weight[begin:end].to(device), experts=chunk_experts)
             combined.index_add_(1, token, outputs.t().to(combined.device, combined.dtype))

@@ -27,12 +27,16 @@ class _FrozenProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, product: Callable[[torch.Tensor, bool], torch.Tensor]) -> torch.Tensor:
         ctx.product = product
+        ctx.column_major = x.dim() == 2 and x.stride(0) == 1 and x.stride(1) != 1
         return product(x, False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        return ctx.product(grad.contiguous(), True), None
+        # In the forward input's layout: column-major feature-major columns keep each group's rows contiguous
+        # and every product's leading dimension the weight's, not the batch's (see .grouped_mm.bucketed_width).
+        grad = grad.t().contiguous().t() if ctx.column_major else grad.contiguous()
+        return ctx.product(grad, True), None
 
 
 def frozen_product(x: torch.Tensor, product: Callable[[torch.Tensor, bool], torch.Tensor]) -> torch.Tensor:
@@ -113,4 +117,4 @@ def frozen_grouped_linear(
     :func:`grouped_dequantizing_product`): rows ``[n, in]`` grouped by expert (``offsets``: int32 cumulative
     rows per expert) -> ``[n, out]``, dequantizing in the forward and again in the backward."""
     product = grouped_dequantizing_product(offsets.tolist(), weight_shape, dequantize, budget, one_expert_product)
-    return frozen_product(rows.t(), product).t()
+    return frozen_product(rows.contiguous().t(), product).t()  # column-major columns: see _FrozenProduct.backward

@@ -26,7 +26,8 @@ def _grouped_mm_supported(weight: torch.Tensor, columns: torch.Tensor) -> bool:
         return False
     if weight.device.type == "cuda":
         return torch.cuda.get_device_capability(weight.device) >= (8, 0) and weight.dtype == torch.bfloat16
-    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and _leading_stride_aligned(weight))  # (a weight is not copied to align it)
 
 
 def _fast_row_major(columns: torch.Tensor) -> bool:
@@ -39,13 +40,50 @@ def _fast_row_major(columns: torch.Tensor) -> bool:
 def _aligned_for_cpu(matrix: torch.Tensor) -> torch.Tensor:
     """CPU grouped_mm rejects a 2-D operand whose leading stride is not a multiple of 16 bytes (e.g. a
     gradient over an odd number of columns, or a single column): such a matrix is copied row-major with
-    its rows padded to 16 bytes."""
-    leading = matrix.stride(-2) if matrix.stride(-1) == 1 else matrix.stride(-1)  # how the kernel reads it
-    if matrix.device.type != "cpu" or matrix.numel() == 0 or (leading * matrix.element_size()) % 16 == 0:
+    its rows padded to 16 bytes, the padding zero (in bf16 the kernel reads the element after a group's
+    last column as the partner of an odd one, and multiplies it by zero: uninitialized NaN there made the
+    last expert's weight gradient NaN)."""
+    if matrix.device.type != "cpu" or matrix.numel() == 0 or _leading_stride_aligned(matrix):
         return matrix
     rows, cols = matrix.shape
     per_16_bytes = 16 // matrix.element_size()
-    return matrix.new_empty(rows, -(-cols // per_16_bytes) * per_16_bytes)[:, :cols].copy_(matrix)
+    padded = matrix.new_empty(rows, -(-cols // per_16_bytes) * per_16_bytes)
+    padded[:, cols:].zero_()
+    return padded[:, :cols].copy_(matrix)
+
+
+def _leading_stride_aligned(matrix: torch.Tensor) -> bool:
+    """Whether the leading stride of the last two dimensions, as the CPU kernel reads it, is 16-byte aligned."""
+    leading = matrix.stride(-2) if matrix.stride(-1) == 1 else matrix.stride(-1)
+    return (leading * matrix.element_size()) % 16 == 0
+
+
+HALF_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def bucketed_width(columns: int) -> int:
+    """The leading dimension given to a CPU half-precision grouped product of ``columns`` columns: rounded up
+    to 8 steps per octave (at most 1/8 more). oneDNN, which runs those products, keeps one compiled
+    primitive per operand layout, leading dimensions included (~0.7 MB each, up to 1024 of them): with the
+    batch's own width as leading dimension every new batch size made new ones (a QLoRA step +27 MB of RSS,
+    step after step, measured on bench_qlora.py's model); bucketed, the set stays small. The extra columns
+    are never computed (the groups end before them)."""
+    step = 1 << max(0, columns.bit_length() - 4)
+    return -(-columns // step) * step
+
+
+def column_major(columns: torch.Tensor, width: int) -> torch.Tensor:
+    """``columns`` ``[k, n]`` -> a column-major ``[k, width]`` (stride ``(1, k)``, ``width >= n``) whose first
+    ``n`` columns are ``columns``, the rest unspecified (read, never computed): a view of the same buffer when
+    ``columns`` is column-major with room behind it, else a copy."""
+    rows, total = columns.shape
+    if columns.stride(0) == 1 and (columns.stride(1) == rows or total == 1):
+        end = (columns.storage_offset() + width * rows) * columns.element_size()
+        if columns.untyped_storage().nbytes() >= end:
+            return columns.as_strided((rows, width), (1, rows))
+    buffer = columns.new_empty(width, rows)
+    buffer[:total].copy_(columns.t())
+    return buffer.t()
 
 
 def _looped_rows_product(weight: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -96,10 +134,13 @@ def columns_product(weight: torch.Tensor, columns: torch.Tensor, offsets: torch.
     if not _grouped_mm_supported(weight, columns):
         return _looped_group_mm(weight, columns, offsets)
     if columns.device.type == "cpu" and few_rows(columns.shape[1], weight.shape[0]) and weight.stride(-1) == 1:
-        if columns.dtype in (torch.bfloat16, torch.float16):  # mostly one row per expert: see .linear
+        if columns.dtype in HALF_PRECISION:  # mostly one row per expert: see .linear
             return _looped_group_mm(weight, columns, offsets)
         # (weight.transpose(1, 2) is then column-major: a row-major right operand is slow in bf16)
         return _GROUPED_MM(_aligned_for_cpu(columns.t()), weight.transpose(1, 2), offs=offsets).t()
+    if columns.device.type == "cpu" and columns.dtype in HALF_PRECISION:  # (see bucketed_width)
+        total = columns.shape[1]
+        return _GROUPED_MM(weight, _aligned_for_cpu(column_major(columns, bucketed_width(total))), offs=offsets)[:, :total]
     if columns.device.type == "cpu" and columns.stride(0) != 1 and not _fast_row_major(columns):
         columns = columns.t().contiguous().t()
     return _GROUPED_MM(weight, _aligned_for_cpu(columns), offs=offsets)
@@ -120,6 +161,11 @@ class _GroupedMatmul(torch.autograd.Function):
             return torch.zeros_like(weight) if ctx.needs_input_grad[0] else None, torch.zeros_like(columns), None
         grad = grad.contiguous()  # CPU kernels reject broadcast gradients
         fused = _grouped_mm_supported(weight, columns)
+        if fused and grad.device.type == "cpu" and grad.dtype in HALF_PRECISION:  # (see bucketed_width)
+            width = bucketed_width(columns.shape[1])
+            grad = column_major(grad, width)[:, : columns.shape[1]]  # one copy, read in place by both products
+            if ctx.needs_input_grad[0]:
+                columns = column_major(columns, width)[:, : columns.shape[1]]
         grad_weight = grad_columns = None
         if ctx.needs_input_grad[0]:
             if fused:  # "2d x 2d" form: one [out, in] product per group of columns
