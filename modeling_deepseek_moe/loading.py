@@ -117,9 +117,7 @@ def load_pretrained(cls, name_or_path: str | os.PathLike | None, *model_args, **
     log_loading_report(model, name_or_path, ignore_mismatched_sizes, filler.info)
     devices = {str(device_for(name, device_map)) for name, _ in model.named_parameters()}
     if len(devices) > 1:
-        from accelerate import dispatch_model
-
-        dispatch_model(model, device_map=device_map)
+        accelerate().dispatch_model(model, device_map=device_map)
     return (model, filler.info.to_dict()) if output_loading_info else model
 
 
@@ -176,21 +174,31 @@ def resolve_dtype(dtype, config, state_dict: dict | None = None) -> torch.dtype:
     return dtype
 
 
+def accelerate():
+    """The ``accelerate`` package, for device maps, imported on use (transformers refuses remote code that
+    imports a missing package outside a ``try``, and a model loaded on one device does not need it)."""
+    try:
+        import accelerate
+        import accelerate.utils
+    except ImportError as error:
+        raise ImportError("a device_map needs accelerate: pip install accelerate") from error
+    return accelerate
+
+
 def resolve_device_map(model, device_map, max_memory, dtype) -> dict[str, str | int | torch.device]:
     """``{module_prefix: device}`` for a model built on the meta device; a device this machine does not
     have is a ValueError naming it."""
     if device_map is None:
         return {"": "cpu"}
     if isinstance(device_map, str):  # "auto", "balanced", "balanced_low_0", "sequential"
-        from accelerate.utils import get_balanced_memory, infer_auto_device_map
-
+        utils = accelerate().utils
         no_split = model._no_split_modules
         if device_map != "sequential":
-            max_memory = get_balanced_memory(
+            max_memory = utils.get_balanced_memory(
                 model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
                 low_zero=device_map == "balanced_low_0",
             )
-        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+        device_map = utils.infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
     for prefix, device in device_map.items():
         check_device_exists(device, f"device_map places {prefix or 'the model'!r} on {device!r}")
     return device_map

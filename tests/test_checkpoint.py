@@ -26,6 +26,7 @@ from modeling_deepseek_moe import (
     DeepseekMoEV3ForSequenceClassification,
     DeepseekMoEV3Model,
     fp8_cpu,
+    saving,
 )
 
 from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
@@ -366,3 +367,14 @@ def test_other_family_config_is_refused(official_checkpoint):
     directory, _, _ = official_checkpoint("v2")
     with pytest.raises(CheckpointError, match="model_type 'deepseek_v2' cannot be loaded by DeepseekMoEV3ForCausalLM"):
         DeepseekMoEV3ForCausalLM.from_pretrained(directory)
+
+
+def test_the_remote_code_requires_no_optional_package():
+    """transformers refuses remote code that imports a package it cannot find (outside a ``try``): the code
+    a checkpoint carries imports torch, transformers and what transformers itself requires, nothing else
+    (bitsandbytes, accelerate and PEFT are imported on use)."""
+    from transformers.dynamic_module_utils import get_imports
+
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "safetensors", "huggingface_hub", "tqdm", "numpy"}
+    required = {os.path.basename(path): set(get_imports(path)) - allowed for path in saving.remote_code_files()}
+    assert not {name: imports for name, imports in required.items() if imports}

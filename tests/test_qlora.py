@@ -6,8 +6,11 @@ The reference is bitsandbytes itself: the same float weights quantized and dequa
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as F  # noqa: E402
@@ -130,7 +133,7 @@ def test_logits_equal_the_bitsandbytes_dequantized_model(official_checkpoint, fa
 
 def test_row_tiles_of_one_expert_give_the_same_product_and_gradients(official_checkpoint, monkeypatch):
     """An expert over the dequantization budget goes by row tiles (here one row at a time), forward and
-    backward."""
+    backward; so do the Linear4bit layers with gradients on the CPU."""
     directory, _, _ = official_checkpoint("v2", **WHOLE_BLOCK_WIDTHS["v2"])
     model = load_4bit(directory, "v2").train()
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -144,7 +147,8 @@ def test_row_tiles_of_one_expert_give_the_same_product_and_gradients(official_ch
     whole = logits_and_input_gradient()
     monkeypatch.setattr(bnb4bit, "DEQUANTIZE_BUDGET_BYTES", 1)
     tiled = logits_and_input_gradient()
-    assert relative_error(tiled[0], whole[0]) < 1e-5 and relative_error(tiled[1], whole[1]) < 1e-5  # fp32 sums per tile
+    # fp32 sums over one-row tiles of every 4-bit product
+    assert relative_error(tiled[0], whole[0]) < 1e-5 and relative_error(tiled[1], whole[1]) < 3e-5
 
 
 def qlora_model(directory, family: str = "v3", **targets):
@@ -332,3 +336,56 @@ def test_llm_int8_skip_modules_keeps_those_projections_float(official_checkpoint
     shared = model.model.layers[1].mlp.shared_experts
     assert type(shared.up_proj) is torch.nn.Linear and shared.up_proj.weight.dtype == torch.float32
     assert isinstance(model.model.layers[1].self_attn.o_proj, bnb.nn.Linear4bit)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantizing_into_the_reused_buffer_equals_bitsandbytes(quant_type, dtype):
+    values = torch.randn(96, 128, generator=torch.Generator().manual_seed(0))
+    rows = values.reshape(-1, bnb4bit.BLOCKSIZE)
+    packed, state = F.quantize_4bit(rows, blocksize=bnb4bit.BLOCKSIZE, quant_type=quant_type)
+    expected = F.dequantize_4bit(packed, F.QuantState(absmax=state.absmax, shape=rows.shape, blocksize=bnb4bit.BLOCKSIZE,
+                                                      quant_type=quant_type, dtype=dtype)).view(-1)
+    buffer = bnb4bit.scratch(values.numel(), dtype, values.device)
+    written = bnb4bit.dequantize_codes(packed, state.absmax, quant_type, dtype, out=buffer.fill_(float("nan")))
+    assert written.data_ptr() == buffer.data_ptr() and torch.equal(written, expected)
+
+
+def test_linear4bit_layers_with_gradients_run_by_tiles_and_equal_bitsandbytes(official_checkpoint, monkeypatch):
+    """Linear4bit layers become TiledLinear4bit (still bitsandbytes' class for transformers and PEFT): with
+    gradients on the CPU their tiles go through the thread's reused buffer, and forward and input gradient
+    equal bitsandbytes' own Linear4bit forward (and its MatMul4Bit backward)."""
+    directory, _, _ = official_checkpoint("v2", **WHOLE_BLOCK_WIDTHS["v2"])
+    model = load_4bit(directory, "v2")
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert layers and all(type(layer) is bnb4bit.TiledLinear4bit for layer in layers)
+    monkeypatch.setattr(bnb4bit, "DEQUANTIZE_BUDGET_BYTES", 4096)  # several tiles per layer
+    for layer in layers:
+        x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        grad = torch.randn(2, 5, layer.out_features, generator=torch.Generator().manual_seed(1))
+        results = []
+        for forward in (layer.forward, lambda v, layer=layer: bnb.nn.Linear4bit.forward(layer, v)):
+            x.grad = None
+            output = forward(x)
+            output.backward(grad)
+            results.append((output.detach(), x.grad.clone()))
+        assert relative_error(results[0][0], results[1][0]) < 1e-6 and relative_error(results[0][1], results[1][1]) < 1e-6
+    assert type(pickle.loads(pickle.dumps(layers[0]))) is bnb4bit.TiledLinear4bit
+
+
+def test_a_qlora_step_on_the_cpu_dequantizes_into_one_reused_buffer(official_checkpoint):
+    """No 4-bit product allocates a buffer per tile (bitsandbytes' dequantize_4bit op allocates its output):
+    every tile of a training step is written into the thread's scratch buffer."""
+    directory, _, _ = official_checkpoint("v3", **WHOLE_BLOCK_WIDTHS["v3"])
+    model = qlora_model(directory).train()
+    ids = torch.randint(0, 256, (2, 10))
+    calls = []
+
+    class CountDequantize(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with CountDequantize():
+        model(ids, labels=ids).loss.backward()
+    assert calls and not [name for name in calls if "dequantize_4bit" in name]
