@@ -73,8 +73,13 @@ class ExpertChunk(nn.Module):
         """``rows`` ``[n, hidden]`` grouped by expert (``offsets``: int32 cumulative rows per expert of the
         range ``experts`` of this chunk, all by default) -> ``[n, hidden]``: each row through its expert,
         scaled by ``row_weights`` ``[n]``. ``delta(projection, rows, offsets, experts)``, if given, adds to
-        each projection (LoRA adapters)."""
+        each projection (LoRA adapters). 4-bit experts run in their compute dtype from input to output, as a
+        model of that dtype does (cast back at the end): under ``prepare_model_for_kbit_training``'s float32
+        stream their activations would otherwise be float32."""
         intermediate = self.shapes["down_proj"][-1]
+        stream_dtype = rows.dtype
+        if self.bnb4bit is not None:
+            rows = rows.to(self.bnb4bit["compute_dtype"])
         gate_up = self.project("gate_up_proj", rows, offsets, experts, delta)  # [n, 2 * intermediate]
         gate, up = split_features(gate_up, intermediate)
         # The mixing weight is applied before the (linear) down projection: on [n, intermediate]
@@ -84,7 +89,7 @@ class ExpertChunk(nn.Module):
             hidden = self.act_fn(gate) * up * weights
         else:  # inference: reuse the activation's buffer
             hidden = self.act_fn(gate).mul_(up).mul_(weights)
-        return self.project("down_proj", hidden, offsets, experts, delta)
+        return self.project("down_proj", hidden, offsets, experts, delta).to(stream_dtype)
 
     def project(self, projection: str, rows: torch.Tensor, offsets: torch.Tensor, experts: slice = slice(None),
                 delta: Callable | None = None) -> torch.Tensor:

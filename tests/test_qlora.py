@@ -389,3 +389,19 @@ def test_a_qlora_step_on_the_cpu_dequantizes_into_one_reused_buffer(official_che
     with CountDequantize():
         model(ids, labels=ids).loss.backward()
     assert calls and not [name for name in calls if "dequantize_4bit" in name]
+
+
+def test_4bit_experts_keep_their_activations_in_the_compute_dtype(official_checkpoint):
+    """Under prepare_model_for_kbit_training the stream is float32; with bf16 compute the experts' saved
+    activations are bf16 (half the memory), and the block returns float32."""
+    directory, config, _ = official_checkpoint("v3", **WHOLE_BLOCK_WIDTHS["v3"])
+    model = prepare_model_for_kbit_training(load_4bit(directory, "v3", compute_dtype=torch.bfloat16),
+                                            use_gradient_checkpointing=False).train()
+    chunk = next(module for module in model.modules() if isinstance(module, ExpertChunk))
+    rows = torch.randn(12, config["hidden_size"], requires_grad=True)
+    offsets = torch.tensor([4] * 4 + [12] * (chunk.num_experts - 4), dtype=torch.int32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append(tensor) or tensor, lambda tensor: tensor):
+        output = chunk(rows, offsets, torch.rand(12))
+    activations = [t for t in saved if t.is_floating_point() and t.shape[-1] in (config["moe_intermediate_size"], 2 * config["moe_intermediate_size"])]
+    assert output.dtype == torch.float32 and activations and all(t.dtype == torch.bfloat16 for t in activations)
