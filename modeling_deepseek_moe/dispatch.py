@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .grouped_mm import bucketed_width, few_rows
+from .grouped_mm import HALF_PRECISION, bucketed_width, few_rows
 from .routing import tokens_per_expert
 
 # Input rows (bytes) of one slice of experts run together on the CPU (see sliced_mixture).
@@ -104,6 +104,14 @@ def expert_slices(counts: list[int], max_slots: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def token_with_room(token: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``token`` followed, in half precision, by token 0 up to the grouped products' bucketed width: the
+    rows gathered with it are a buffer the products read in place (see :func:`.grouped_mm.bucketed_width`)."""
+    if dtype not in HALF_PRECISION:
+        return token
+    return torch.cat([token, token.new_zeros(bucketed_width(len(token)) - len(token))])
+
+
 def sliced_mixture(experts, hidden_states: torch.Tensor, topk_indices: torch.Tensor,
                    topk_weights: torch.Tensor) -> torch.Tensor:
     """The routed mixture ``[tokens, hidden]`` of ``experts`` (a :class:`.experts.RoutedExperts`) on the CPU:
@@ -128,10 +136,7 @@ def sliced_mixture(experts, hidden_states: torch.Tensor, topk_indices: torch.Ten
             begin, end = starts[base + first], ends[base + last - 1]
             token = slots.token[begin:end]
             offsets = torch.tensor(ends[base + first : base + last], dtype=torch.int32, device=device) - begin
-            # [slice slots, hidden], the view of a buffer with room for the products' bucketed width (rows
-            # of token 0 after them), which they read in place
-            room = token.new_zeros(bucketed_width(len(token)) - len(token))
-            rows = hidden_states.index_select(0, torch.cat([token, room]))[: len(token)].to(device)
+            rows = hidden_states.index_select(0, token_with_room(token, hidden_states.dtype))[: len(token)].to(device)
             chunk_experts = slice(None) if (first, last) == (0, per_chunk) else slice(first, last)
             outputs = chunk(rows, offsets, slots.weight[begin:end].to(device), experts=chunk_experts)
             combined.index_add_(1, token, outputs.t().to(combined.device, combined.dtype))
