@@ -155,8 +155,11 @@ def dequantize_codes(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str
         return out
     state = F.QuantState(absmax=absmax.reshape(-1), shape=torch.Size((blocks, blocksize)), blocksize=blocksize,
                          quant_type=quant_type, dtype=dtype)
-    values = F.dequantize_4bit(packed.reshape(-1, 1), state, out=None if out is None else out.view(blocks, blocksize))
-    return values.view(-1)
+    if out is None or out.device.type == "cpu":  # (a CPU build without the native function: a copy)
+        values = F.dequantize_4bit(packed.reshape(-1, 1), state).view(-1)
+        return values if out is None else out.copy_(values)
+    F.dequantize_4bit(packed.reshape(-1, 1), state, out=out.view(blocks, blocksize))
+    return out
 
 
 def equal_tile_height(rows: int, row_bytes: int) -> int:

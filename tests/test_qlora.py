@@ -405,3 +405,13 @@ def test_4bit_experts_keep_their_activations_in_the_compute_dtype(official_check
         output = chunk(rows, offsets, torch.rand(12))
     activations = [t for t in saved if t.is_floating_point() and t.shape[-1] in (config["moe_intermediate_size"], 2 * config["moe_intermediate_size"])]
     assert output.dtype == torch.float32 and activations and all(t.dtype == torch.bfloat16 for t in activations)
+
+
+def test_dequantizing_into_a_buffer_without_the_native_function_copies(monkeypatch):
+    """A bitsandbytes build whose library lacks the CPU function: the values are dequantized and copied."""
+    monkeypatch.setattr(bnb4bit, "_native_cpu_dequantize", lambda quant_type, dtype: None)
+    values = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
+    packed, state = F.quantize_4bit(values.reshape(-1, bnb4bit.BLOCKSIZE), blocksize=bnb4bit.BLOCKSIZE, quant_type="nf4")
+    buffer = torch.full((values.numel(),), float("nan"))
+    written = bnb4bit.dequantize_codes(packed, state.absmax, "nf4", torch.float32, out=buffer)
+    assert written.data_ptr() == buffer.data_ptr() and torch.equal(written, bnb4bit.dequantize_codes(packed, state.absmax, "nf4", torch.float32))
