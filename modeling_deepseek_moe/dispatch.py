@@ -107,9 +107,10 @@ def expert_slices(counts: list[int], max_slots: int) -> list[tuple[int, int]]:
 def token_with_room(token: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``token`` followed, in half precision, by token 0 up to the grouped products' bucketed width: the
     rows gathered with it are a buffer the products read in place (see :func:`.grouped_mm.bucketed_width`)."""
-    if dtype not in HALF_PRECISION:
+    room = bucketed_width(len(token)) - len(token)
+    if dtype not in HALF_PRECISION or room == 0:
         return token
-    return torch.cat([token, token.new_zeros(bucketed_width(len(token)) - len(token))])
+    return torch.cat([token, token.new_zeros(room)])
 
 
 def sliced_mixture(experts, hidden_states: torch.Tensor, topk_indices: torch.Tensor,
