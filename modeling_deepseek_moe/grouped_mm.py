@@ -151,21 +151,24 @@ class _GroupedMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight, columns, offsets)
+        # The columns only for the weights' gradient: frozen weights (LoRA's base) keep no copy of their input.
+        ctx.save_for_backward(weight, columns if ctx.needs_input_grad[0] else None, offsets)
+        ctx.total = columns.shape[1]
         return columns_product(weight, columns, offsets)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight, columns, offsets = ctx.saved_tensors
-        if columns.shape[1] == 0:
-            return torch.zeros_like(weight) if ctx.needs_input_grad[0] else None, torch.zeros_like(columns), None
+        total = ctx.total
+        if total == 0:
+            return torch.zeros_like(weight) if ctx.needs_input_grad[0] else None, grad.new_zeros(weight.shape[2], 0), None
         grad = grad.contiguous()  # CPU kernels reject broadcast gradients
-        fused = _grouped_mm_supported(weight, columns)
+        fused = _grouped_mm_supported(weight, grad)
         if fused and grad.device.type == "cpu" and grad.dtype in HALF_PRECISION:  # (see bucketed_width)
-            width = bucketed_width(columns.shape[1])
-            grad = column_major(grad, width)[:, : columns.shape[1]]  # one copy, read in place by both products
+            width = bucketed_width(total)
+            grad = column_major(grad, width)[:, :total]  # one copy, read in place by both products
             if ctx.needs_input_grad[0]:
-                columns = column_major(columns, width)[:, : columns.shape[1]]
+                columns = column_major(columns, width)[:, :total]
         grad_weight = grad_columns = None
         if ctx.needs_input_grad[0]:
             if fused:  # "2d x 2d" form: one [out, in] product per group of columns

@@ -249,3 +249,24 @@ print(rss_mb() - before)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert float(done.stdout.strip().splitlines()[-1]) < 40
+
+
+@pytest.mark.parametrize("tokens", [40, 2])
+def test_combining_expert_outputs_keeps_no_copy_of_them_for_the_backward(tokens):
+    """index_add_'s derivative saves its source (every expert output of the layer); the combine's keeps
+    only the token indices, with the same gradients."""
+    experts = random_experts(config(), dtype=torch.float32).requires_grad_(False)  # frozen: rows not saved
+    hidden = torch.randn(tokens, 32, requires_grad=True)
+    indices, weights = routing(tokens)
+    weights = weights.float().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        output = experts(hidden, indices, weights)
+    slots = indices.numel()
+    assert not [t for t in saved if t.is_floating_point() and t.dim() == 2 and 32 in t.shape and t.numel() >= 32 * slots]
+    output.square().sum().backward()
+    reference = loop_reference(experts.double(), hidden.detach().double().requires_grad_(), indices, weights.detach().double())
+    assert relative_error(output, reference) < 1e-5
+    hidden_ref = hidden.detach().double().requires_grad_()
+    loop_reference(experts.double(), hidden_ref, indices, weights.detach().double()).square().sum().backward()
+    assert relative_error(hidden.grad, hidden_ref.grad) < 1e-5
