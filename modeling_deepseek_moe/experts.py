@@ -30,6 +30,7 @@ from .distributed import ExpertParallel, scale_gradient
 from .fixed_dtypes import keep_dtypes_apply
 from .fp8 import FP8_DTYPE, dequantize_stacked, fp8_grouped_linear, fp8_settings, quantize_stacked, stacked_scale_shape
 from .grouped_mm import grouped_linear
+from .mlp import gated
 
 
 class ExpertChunk(nn.Module):
@@ -86,7 +87,7 @@ class ExpertChunk(nn.Module):
         # instead of [n, hidden].
         weights = row_weights.to(gate_up.dtype)[:, None]
         if torch.is_grad_enabled() and gate_up.requires_grad:
-            hidden = self.act_fn(gate) * up * weights
+            hidden = gated(self.act_fn, gate, up) * weights
         else:  # inference: reuse the activation's buffer
             hidden = self.act_fn(gate).mul_(up).mul_(weights)
         return self.project("down_proj", hidden, offsets, experts, delta).to(stream_dtype)

@@ -270,3 +270,24 @@ def test_combining_expert_outputs_keeps_no_copy_of_them_for_the_backward(tokens)
     hidden_ref = hidden.detach().double().requires_grad_()
     loop_reference(experts.double(), hidden_ref, indices, weights.detach().double()).square().sum().backward()
     assert relative_error(hidden.grad, hidden_ref.grad) < 1e-5
+
+
+def test_swiglu_keeps_no_activation_copy_and_gives_the_same_gradients():
+    """silu(gate) * up through mlp.gated: autograd keeps gate and up only, and values and gradients equal
+    autograd's composition bit for bit (float32 and bf16)."""
+    from modeling_deepseek_moe.mlp import gated
+    from transformers.activations import ACT2FN
+
+    for dtype in (torch.float32, torch.bfloat16):
+        gate, up, grad = (torch.randn(24, 40, generator=torch.Generator().manual_seed(seed)).to(dtype) for seed in range(3))
+        results, kept = [], []
+        for fused in (True, False):
+            g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                output = gated(ACT2FN["silu"], g, u) if fused else F.silu(g) * u
+            output.backward(grad)
+            results.append((output.detach(), g.grad, u.grad))
+            kept.append(len({t.untyped_storage().data_ptr() for t in saved}))
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+        assert kept == [2, 3]  # gate and up; autograd's composition also silu(gate)
