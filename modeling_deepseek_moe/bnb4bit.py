@@ -199,13 +199,12 @@ def dequantize_experts(stack: dict[str, torch.Tensor], experts: list[int], weigh
 def bnb4bit_grouped_linear(stack: dict[str, torch.Tensor], rows: torch.Tensor, offsets: torch.Tensor,
                            weight_shape: tuple[int, int], settings: dict) -> torch.Tensor:
     """:func:`.grouped_mm.grouped_linear` with frozen 4-bit stacked weights (``stack``, of
-    ``weight_shape`` ``(out, in)`` per expert): rows ``[n, in]`` -> ``[n, out]`` in the rows' dtype,
-    computed in ``settings["compute_dtype"]``. Only experts with rows are dequantized, at most
-    ``DEQUANTIZE_BUDGET_BYTES`` of them at a time (an expert over it by row tiles), in the forward and
-    again in the backward."""
-    compute = rows.to(settings["compute_dtype"])
+    ``weight_shape`` ``(out, in)`` per expert): rows ``[n, in]`` -> ``[n, out]``, in the rows' dtype (the
+    experts cast their input to ``settings["compute_dtype"]``, :meth:`.experts.ExpertChunk.forward`). Only
+    experts with rows are dequantized, at most ``DEQUANTIZE_BUDGET_BYTES`` of them at a time (an expert over
+    it by row tiles), in the forward and again in the backward."""
     out_features, in_features = weight_shape
-    row_bytes = in_features * compute.element_size()
+    row_bytes = in_features * rows.element_size()
     # Transient buffers over the budget are what glibc keeps as heap between activations (a QLoRA step's
     # peak RSS +70% measured on bench_qlora.py's experts of 11.5 MB): tiles keep them within it.
     tiled = out_features * row_bytes > DEQUANTIZE_BUDGET_BYTES and in_features % BLOCKSIZE == 0
@@ -221,9 +220,8 @@ def bnb4bit_grouped_linear(stack: dict[str, torch.Tensor], rows: torch.Tensor, o
                           expert_rows.dtype, height)
         return tiled_linear(expert_rows, tiles, transposed)
 
-    output = frozen_grouped_linear(compute, offsets, weight_shape, dequantize, DEQUANTIZE_BUDGET_BYTES,
-                                   row_tiled if tiled else None)
-    return output.to(rows.dtype)
+    return frozen_grouped_linear(rows, offsets, weight_shape, dequantize, DEQUANTIZE_BUDGET_BYTES,
+                                 row_tiled if tiled else None)
 
 
 def dequantize_linear_4bit(weight: torch.Tensor) -> torch.Tensor:

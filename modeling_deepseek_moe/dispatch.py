@@ -25,7 +25,8 @@ from typing import NamedTuple
 
 import torch
 
-from .grouped_mm import HALF_PRECISION, bucketed_width, few_rows
+from .grouped_mm import bucketed_width, few_rows
+from .linear import HALF_PRECISION
 from .routing import tokens_per_expert
 
 # Input rows (bytes) of one slice of experts run together on the CPU (see sliced_mixture).

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .linear import linear
+from .linear import HALF_PRECISION, linear
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -56,9 +56,6 @@ def _leading_stride_aligned(matrix: torch.Tensor) -> bool:
     """Whether the leading stride of the last two dimensions, as the CPU kernel reads it, is 16-byte aligned."""
     leading = matrix.stride(-2) if matrix.stride(-1) == 1 else matrix.stride(-1)
     return (leading * matrix.element_size()) % 16 == 0
-
-
-HALF_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def bucketed_width(columns: int) -> int:

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_HALF_DTYPES = (torch.bfloat16, torch.float16)
+HALF_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` is one half-precision row on the CPU without gradients."""
-    return (x.device.type == "cpu" and x.dtype in _HALF_DTYPES and weight.dtype == x.dtype
+    return (x.device.type == "cpu" and x.dtype in HALF_PRECISION and weight.dtype == x.dtype
             and x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2FN, SiLUActivation
 
 from .configuration import DeepseekMoEConfig
 from .fp8 import projection
@@ -31,7 +31,7 @@ class _SiluTimes(torch.autograd.Function):
 def gated(act_fn: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``act_fn(gate) * up``, through :class:`_SiluTimes` for SiLU (DeepSeek's activation) when autograd
     records it."""
-    if type(act_fn).__name__ in ("SiLUActivation", "SiLU") and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+    if isinstance(act_fn, (nn.SiLU, SiLUActivation)) and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return _SiluTimes.apply(gate, up)
     return act_fn(gate) * up
 
