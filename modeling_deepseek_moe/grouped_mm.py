@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fp8_cpu import bf16_grouped_product
 from .linear import HALF_PRECISION, linear
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -131,8 +132,9 @@ def columns_product(weight: torch.Tensor, columns: torch.Tensor, offsets: torch.
     if not _grouped_mm_supported(weight, columns):
         return _looped_group_mm(weight, columns, offsets)
     if columns.device.type == "cpu" and few_rows(columns.shape[1], weight.shape[0]) and weight.stride(-1) == 1:
-        if columns.dtype in HALF_PRECISION:  # mostly one row per expert: see .linear
-            return _looped_group_mm(weight, columns, offsets)
+        if columns.dtype in HALF_PRECISION:  # mostly one row per expert: see .linear and .fp8_cpu
+            product = bf16_grouped_product(weight, columns.t(), offsets)
+            return _looped_group_mm(weight, columns, offsets) if product is None else product.t()
         # (weight.transpose(1, 2) is then column-major: a row-major right operand is slow in bf16)
         return _GROUPED_MM(_aligned_for_cpu(columns.t()), weight.transpose(1, 2), offs=offsets).t()
     if columns.device.type == "cpu" and columns.dtype in HALF_PRECISION:  # (see bucketed_width)

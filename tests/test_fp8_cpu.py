@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, attention, fp8, fp8_cpu
+from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, attention, fp8, fp8_cpu, grouped_mm
 from modeling_deepseek_moe.fp8 import dequantize_fp8_blockwise, dequantize_stacked, quantize_fp8_blockwise, quantize_stacked
 from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
 
@@ -151,3 +151,30 @@ def test_absorbed_decoding_reads_an_fp8_kv_b_proj_in_place(decode_kernel, tmp_pa
     assert torch.equal(outputs["decode"].sequences, outputs["never"].sequences)
     for a, b in zip(outputs["decode"].scores, outputs["never"].scores):
         assert relative_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("counts", [[1, 0, 1, 1, 0, 0, 1, 1], [0, 5, 0, 0, 2, 0, 0, 1], [0] * 7 + [3], [17, 0, 0, 0, 0, 0, 0, 0]])
+def test_bf16_stacked_experts_equal_the_per_expert_products(decode_kernel, counts):
+    """The bf16 decode kernel (every expert in one call) against torch, expert by expert: float32 sums of the
+    same products, so equal up to the order of the sums, then the same bf16 rounding."""
+    generator = torch.Generator().manual_seed(sum(counts))
+    weight = (torch.randn(8, 200, 300, generator=generator) * 0.05).bfloat16()  # 300: a partial vector at the end
+    ends = torch.tensor(counts).cumsum(0)
+    rows = torch.randn(int(ends[-1]), 300, generator=generator).bfloat16()
+    expected = grouped_mm._looped_rows_product(weight.double(), rows.double(), ends.to(torch.int32))
+    output = fp8_cpu.kernel().bf16_grouped_gemv(weight, rows, ends)  # (17 rows: two chunks of one expert)
+    assert output.dtype == torch.bfloat16
+    assert relative_error(output.double(), expected) < 4e-3  # bf16 rounding of the results (2^-9)
+    assert relative_error(output.float(), grouped_mm._looped_rows_product(weight, rows, ends.to(torch.int32)).float()) < 4e-3
+
+
+def test_bf16_decode_sized_expert_products_go_through_the_kernel(decode_kernel, monkeypatch):
+    calls = []
+    monkeypatch.setattr(grouped_mm, "bf16_grouped_product", lambda *args: calls.append(args) or fp8_cpu.bf16_grouped_product(*args))
+    weight = torch.randn(8, 64, 32).bfloat16()
+    rows, offsets = torch.randn(3, 32).bfloat16(), torch.tensor([1, 1, 2, 3, 3, 3, 3, 3], dtype=torch.int32)
+    with torch.no_grad():
+        output = grouped_mm.grouped_linear(weight, rows, offsets)
+    assert len(calls) == 1
+    assert torch.equal(output, fp8_cpu.bf16_grouped_product(weight, rows, offsets))
+    assert fp8_cpu.bf16_grouped_product(weight, torch.randn(17, 32).bfloat16(), torch.full((8,), 17)) is None  # > MAX_ROWS
