@@ -164,7 +164,7 @@ class MultiHeadLatentAttention(nn.Module):
         """``kv_b_proj`` applied head by head in the latent space: queries ``[batch, heads, new, qk_nope]``
         through each head's key rows -> ``[batch, heads, new, kv_lora_rank]``, or (``values``) attended
         latents ``[batch, heads, new, kv_lora_rank]`` through its value rows -> ``[batch, heads, new, v_head]``.
-        An FP8 ``kv_b_proj`` is read in place on the CPU (:func:`.fp8_cpu.head_rows_product`); elsewhere it is
+        An FP8 or bf16 ``kv_b_proj`` is read in place on the CPU (:func:`.fp8_cpu.head_rows_product`); elsewhere an FP8 one is
         dequantized at the first step and kept for the next ones. A 4-bit one is dequantized at every step."""
         first, count = (self.qk_nope_head_dim, self.v_head_dim) if values else (0, self.qk_nope_head_dim)
         weight = self.kv_b_proj.weight
@@ -176,6 +176,10 @@ class MultiHeadLatentAttention(nn.Module):
             weight = self.kv_b_proj.dequantized_weight(x.dtype, keep=True)
         elif weight.dtype == PACKED_DTYPE:  # bitsandbytes 4-bit (Linear4bit), dequantized for this step
             weight = dequantize_linear_4bit(weight).to(x.dtype)
+        elif weight.dtype == torch.bfloat16:  # read in place on the CPU: the products below read twice the rows they use
+            output = head_rows_product(weight, None, None, self.num_heads, first, count, x, transposed=not values)
+            if output is not None:
+                return output
         # Products with each head's whole block of rows [heads, qk_nope + v_head, c], contiguous: a slice of it
         # is a strided batch that the batched product first copies (0.46 ms per step and layer, V2-Lite).
         head_rows = weight.view(self.num_heads, -1, self.kv_lora_rank)

@@ -112,26 +112,31 @@ def bf16_grouped_product(weight: torch.Tensor, rows: torch.Tensor, ends: torch.T
     return kernel().bf16_grouped_gemv(weight, rows, ends.to(torch.int64).cpu())
 
 
-def head_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], heads: int, first: int,
-                      count: int, x: torch.Tensor, transposed: bool) -> torch.Tensor | None:
-    """Products with rows ``first:first + count`` of every head's rows of an FP8 ``weight`` ``[heads * rows,
-    cols]`` (MLA's ``kv_b_proj``: a head's key rows, then its value rows), read in place, no float copy:
-    ``x`` ``[batch, heads, seq, cols]`` -> ``[batch, heads, seq, count]`` through them, or, ``transposed``,
-    ``x`` ``[batch, heads, seq, count]`` -> ``[batch, heads, seq, cols]``. None where the kernel does not
-    serve: more than ``MAX_ROWS`` rows per head, or head slices that cut scale blocks."""
+def head_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor | None, block: tuple[int, int] | None, heads: int,
+                      first: int, count: int, x: torch.Tensor, transposed: bool) -> torch.Tensor | None:
+    """Products with rows ``first:first + count`` of every head's rows of ``weight`` ``[heads * rows, cols]``
+    (MLA's ``kv_b_proj``: a head's key rows, then its value rows), FP8 with ``scale_inv`` and ``block`` or
+    bf16 (both None), read in place, no float copy: ``x`` ``[batch, heads, seq, cols]`` -> ``[batch, heads,
+    seq, count]`` through them, or, ``transposed``, ``x`` ``[batch, heads, seq, count]`` -> ``[batch, heads,
+    seq, cols]``. None where the kernel does not serve: more than ``MAX_ROWS`` rows per head, another dtype,
+    head slices that cut scale blocks."""
     batch, _, seq, _ = x.shape
     per_head, cols = weight.shape[0] // heads, weight.shape[1]
-    if any(rows % block[0] for rows in (per_head, first, count)) or not serves(x, batch * seq):
+    if scale_inv is None and weight.dtype != torch.bfloat16:
         return None
-    if transposed and (block[1] % 16 or cols % 16):  # the transposed kernel works in whole vectors
+    if transposed and cols % 16 or not serves(x, batch * seq):  # the transposed kernels work in whole vectors
         return None
-    rows = slice(first, first + count)
-    slices = weight.view(heads, per_head, cols)[:, rows].view(torch.uint8)  # views: groups lie apart
-    scales = scale_inv.float().view(heads, per_head // block[0], -1)[:, first // block[0] : (first + count) // block[0]]
+    slices = weight.view(heads, per_head, cols)[:, first : first + count]  # views: groups lie apart
     inputs = x.transpose(0, 1).reshape(heads * batch * seq, x.shape[-1])
     ends = torch.arange(1, heads + 1) * (batch * seq)
-    if transposed:
-        output = kernel().fp8_grouped_gemv_transposed(slices, scales, inputs, ends, block[0], block[1])
+    if scale_inv is None:
+        output = (kernel().bf16_grouped_gemv_transposed if transposed else kernel().bf16_grouped_gemv)(slices, inputs, ends)
     else:
-        output = kernel().fp8_grouped_gemv(slices, scales, inputs, ends, count, block[0], block[1])
+        if any(rows % block[0] for rows in (per_head, first, count)) or (transposed and block[1] % 16):
+            return None
+        scales = scale_inv.float().view(heads, per_head // block[0], -1)[:, first // block[0] : (first + count) // block[0]]
+        if transposed:
+            output = kernel().fp8_grouped_gemv_transposed(slices.view(torch.uint8), scales, inputs, ends, block[0], block[1])
+        else:
+            output = kernel().fp8_grouped_gemv(slices.view(torch.uint8), scales, inputs, ends, count, block[0], block[1])
     return output.view(heads, batch, seq, -1).transpose(0, 1)

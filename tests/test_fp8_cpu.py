@@ -133,6 +133,36 @@ def test_kv_b_head_rows_read_in_place(decode_kernel, heads, nope, v, latent, blo
     assert relative_error(values, torch.einsum("bhsc,hvc->bhsv", context, dense[:, nope:])) < 1e-6
 
 
+@pytest.mark.parametrize("heads, nope, v, latent", [(4, 128, 128, 512), (3, 16, 32, 48)])
+@pytest.mark.parametrize("batch, seq", [(1, 1), (2, 3)])
+def test_bf16_kv_b_head_rows_read_in_place(decode_kernel, heads, nope, v, latent, batch, seq):
+    weight = torch.randn(heads * (nope + v), latent).bfloat16()
+    dense = weight.double().view(heads, nope + v, latent)
+    query, context = torch.randn(batch, heads, seq, nope).bfloat16(), torch.randn(batch, heads, seq, latent).bfloat16()
+    with torch.no_grad():
+        query_latent = fp8_cpu.head_rows_product(weight, None, None, heads, 0, nope, query, transposed=True)
+        values = fp8_cpu.head_rows_product(weight, None, None, heads, nope, v, context, transposed=False)
+    assert query_latent.dtype == values.dtype == torch.bfloat16
+    assert relative_error(query_latent.double(), torch.einsum("bhsd,hdc->bhsc", query.double(), dense[:, :nope])) < 4e-3
+    assert relative_error(values.double(), torch.einsum("bhsc,hvc->bhsv", context.double(), dense[:, nope:])) < 4e-3
+    assert fp8_cpu.head_rows_product(weight.float(), None, None, heads, 0, nope, query.float(), transposed=True) is None
+
+
+def test_bf16_absorbed_decoding_reads_kv_b_proj_in_place(decode_kernel, official_checkpoint, monkeypatch):
+    directory, _, _ = official_checkpoint("v3", kv_lora_rank=32)
+    model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, mla_absorb="decode")
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    calls = []
+    monkeypatch.setattr(attention, "head_rows_product", lambda *args, **kw: calls.append(1) or fp8_cpu.head_rows_product(*args, **kw))
+    in_place = model.generate(ids, **kwargs)
+    assert len(calls) == 2 * 7 * model.config.num_hidden_layers  # queries and values, 7 absorbed steps, every layer
+    monkeypatch.setattr(attention, "head_rows_product", lambda *args, **kw: None)  # the batched torch products
+    batched = model.generate(ids, **kwargs)
+    assert torch.equal(in_place.sequences, batched.sequences)
+    assert relative_error(torch.stack(in_place.logits).float(), torch.stack(batched.logits).float()) < 1e-2
+
+
 def test_absorbed_decoding_reads_an_fp8_kv_b_proj_in_place(decode_kernel, tmp_path, monkeypatch):
     # heads of 128 + 128 rows: each head's key and value rows are whole 128 x 128 scale blocks, as in V3
     write_fp8_official_checkpoint(tmp_path, "v3", num_attention_heads=2, qk_nope_head_dim=128, v_head_dim=128,

@@ -312,6 +312,41 @@ at::Tensor fp8_grouped_gemv_transposed(const at::Tensor& weight, const at::Tenso
   return y.to(rows.scalar_type());
 }
 
+// The transposed product over bfloat16 weights, y[r, :] = sum_k x[r, k] * W[g, k, :] (MLA's queries through
+// each head's key rows of a bf16 kv_b_proj, read in place): as fp8_grouped_gemv_transposed, without scales.
+at::Tensor bf16_grouped_gemv_transposed(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& ends) {
+  const at::Tensor x = rows.to(at::kFloat).contiguous();
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kBFloat16 && weight.stride(2) == 1 &&
+              weight.stride(1) == weight.size(2), "weight: bfloat16 [groups, depth, cols], rows contiguous");
+  TORCH_CHECK(ends.scalar_type() == at::kLong && ends.numel() == weight.size(0), "ends: int64 [groups]");
+  const int64_t groups = weight.size(0), depth = weight.size(1), cols = weight.size(2), n = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == depth, "x: [n, ", depth, "]");
+  TORCH_CHECK(cols % kLanes == 0, "columns in whole vectors of ", kLanes);
+  constexpr int64_t kChunk = 8 * kLanes;
+  const int64_t chunks = (cols + kChunk - 1) / kChunk;
+  auto y = at::empty({n, cols}, x.options());
+  std::vector<int64_t> group_of(n);
+  for (int64_t g = 0, r = 0; g < groups; ++g)
+    for (; r < ends.data_ptr<int64_t>()[g]; ++r) group_of[r] = g;
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n * chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t r = t / chunks, c0 = (t % chunks) * kChunk, width = std::min(kChunk, cols - c0) / kLanes;
+      const uint16_t* wg = w + group_of[r] * weight.stride(0);
+      Vec acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = zero();
+      for (int64_t k = 0; k < depth; ++k) {
+        const float xk = xp[r * depth + k];
+        for (int64_t j = 0; j < width; ++j) acc[j] = fma_scalar(load16(wg + k * cols + c0 + j * kLanes), xk, acc[j]);
+      }
+      for (int64_t j = 0; j < width; ++j) store(yp + r * cols + c0 + j * kLanes, acc[j]);
+    }
+  });
+  return y.to(rows.scalar_type());
+}
+
 // weight [groups, rows, cols] (uint8 bits of float8_e4m3fn) with scale [groups, scale rows, scale cols] ->
 // float32 or bfloat16: the same numbers as torch's float32 dequantization (rounded to bfloat16 as torch does).
 at::Tensor fp8_dequantize(const at::Tensor& weight, const at::Tensor& scale, int64_t block_o, int64_t block_i,
@@ -340,5 +375,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_grouped_gemv", &fp8_grouped_gemv, "decode-sized products with block-wise FP8 weights");
   m.def("fp8_grouped_gemv_transposed", &fp8_grouped_gemv_transposed, "x @ W per group, block-wise FP8 W");
   m.def("bf16_grouped_gemv", &bf16_grouped_gemv, "decode-sized products with stacked bfloat16 weights");
+  m.def("bf16_grouped_gemv_transposed", &bf16_grouped_gemv_transposed, "x @ W per group, bfloat16 W");
   m.def("fp8_dequantize", &fp8_dequantize, "block-wise FP8 weights to float32 or bfloat16");
 }
