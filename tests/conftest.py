@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -10,6 +13,24 @@ from modeling_deepseek_moe.synthetic import random_official_state, tiny_official
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+_RSS_MB = """
+import ctypes, gc
+def rss_mb():
+    gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/status") as handle:
+        return int(next(line for line in handle if line.startswith("VmRSS")).split()[1]) / 1024
+"""
+
+
+def rss_growth_mb(script: str, warm: range, measured: range) -> float:
+    """In a fresh process: ``script`` (defines ``step(n)``), ``step`` over ``warm``, then the RSS growth in
+    MB (glibc's free pages returned first) over ``step`` for each of ``measured``."""
+    code = (f"{_RSS_MB}\n{script}\nfor n in {warm!r}:\n    step(n)\nbefore = rss_mb()\n"
+            f"for n in {measured!r}:\n    step(n)\nprint(rss_mb() - before)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -12,7 +9,7 @@ from modeling_deepseek_moe import attention
 from modeling_deepseek_moe.compat import output_cache
 from modeling_deepseek_moe import DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
 
-from conftest import relative_error
+from conftest import relative_error, rss_growth_mb
 
 CLASSES = {"v2": DeepseekMoEV2ForCausalLM, "v3": DeepseekMoEV3ForCausalLM}
 
@@ -80,14 +77,9 @@ def test_half_precision_absorbed_decoding_over_new_lengths_keeps_memory_flat():
     """oneDNN compiles a primitive per operand shape and keeps it (up to 1024): the absorbed products over
     the cache's length made new ones at every decoding step (RSS +160 MB over these 96 lengths, measured)."""
     script = """
-import ctypes, gc, torch
+import torch
 from modeling_deepseek_moe import DeepseekMoEV3Config, DeepseekMoEV3ForCausalLM
 from modeling_deepseek_moe.synthetic import tiny_official_config
-libc = ctypes.CDLL("libc.so.6")
-def rss_mb():
-    gc.collect(); libc.malloc_trim(0)
-    with open("/proc/self/status") as handle:
-        return int(next(line for line in handle if line.startswith("VmRSS")).split()[1]) / 1024
 config = DeepseekMoEV3Config(**tiny_official_config("v3", num_hidden_layers=1, first_k_dense_replace=1))
 attention = DeepseekMoEV3ForCausalLM(config).model.layers[0].self_attn.to(torch.bfloat16)
 def step(total):
@@ -95,12 +87,5 @@ def step(total):
     with torch.no_grad():
         attention.absorbed_attention(torch.randn(1, heads, 1, nope).bfloat16(), torch.randn(1, heads, 1, rope).bfloat16(),
                                      torch.randn(1, 1, total, latent_dim).bfloat16(), torch.randn(1, 1, total, rope).bfloat16(), None, None)
-for total in range(256, 264):
-    step(total)
-before = rss_mb()
-for total in range(264, 360):
-    step(total)
-print(rss_mb() - before)
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert float(done.stdout.strip().splitlines()[-1]) < 40
+    assert rss_growth_mb(script, warm=range(256, 264), measured=range(264, 360)) < 40

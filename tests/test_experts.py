@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +11,7 @@ from modeling_deepseek_moe import dispatch, grouped_mm
 from modeling_deepseek_moe.experts import RoutedExperts
 from modeling_deepseek_moe.grouped_mm import _looped_group_mm, grouped_linear
 
-from conftest import relative_error
+from conftest import relative_error, rss_growth_mb
 
 
 def config(chunks=1):
@@ -226,29 +223,17 @@ def test_half_precision_products_over_new_batch_sizes_keep_memory_flat():
     """oneDNN keeps a compiled primitive per operand layout (~0.7 MB each on an AMX CPU): leading dimensions
     that followed the batch size grew RSS by ~90 MB over these 96 sizes, step after step of a training run."""
     script = """
-import ctypes, gc, torch
+import torch
 from modeling_deepseek_moe.dispatch import padded_widths
 from modeling_deepseek_moe.grouped_mm import grouped_linear
-libc = ctypes.CDLL("libc.so.6")
-def rss_mb():
-    gc.collect(); libc.malloc_trim(0)
-    with open("/proc/self/status") as handle:
-        return int(next(line for line in handle if line.startswith("VmRSS")).split()[1]) / 1024
 weight = (torch.randn(8, 512, 512) * 0.05).bfloat16().requires_grad_()
 def step(tokens):
     counts = torch.bincount(torch.randint(0, 8, (tokens,), generator=torch.Generator().manual_seed(tokens)), minlength=8)
     offsets = padded_widths(counts).cumsum(0).to(torch.int32)
     rows = torch.randn(int(offsets[-1]), 512, dtype=torch.bfloat16, requires_grad=True)
     grouped_linear(weight, rows, offsets).sum().backward()
-for tokens in range(256, 264):
-    step(tokens)
-before = rss_mb()
-for tokens in range(264, 360):
-    step(tokens)
-print(rss_mb() - before)
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert float(done.stdout.strip().splitlines()[-1]) < 40
+    assert rss_growth_mb(script, warm=range(256, 264), measured=range(264, 360)) < 40
 
 
 @pytest.mark.parametrize("tokens", [40, 2])

@@ -271,80 +271,64 @@ at::Tensor bf16_grouped_gemv(const at::Tensor& weight, const at::Tensor& rows, c
   return y.to(rows.scalar_type());
 }
 
-// The transposed product, y[r, :] = sum_k x[r, k] * W[g, k, :] * scale (MLA's queries folded into the
-// latent space through each head's key rows): per row of x and 8 vectors of output columns, accumulators in
-// registers across all k. Needs block_i and the columns in whole vectors.
-at::Tensor fp8_grouped_gemv_transposed(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& rows,
-                                       const at::Tensor& ends, int64_t block_o, int64_t block_i) {
-  const at::Tensor x = rows.to(at::kFloat).contiguous();
-  check_grouped(weight, scale, x, ends);
-  const int64_t groups = weight.size(0), depth = weight.size(1), cols = weight.size(2), n = x.size(0);
+// The transposed product, y[r, :] = sum_k x[r, k] * W[g, k, :] (MLA's queries folded into the latent space
+// through each head's key rows): per row of x and 8 vectors of output columns, accumulators in registers
+// across all k. W is FP8 with block scales (s, times 2^8: see load16) or bf16 (s null, unit 1). Needs the
+// columns (and FP8 blocks) in whole vectors.
+template <typename W>
+at::Tensor grouped_gemv_transposed(const W* w, int64_t group_stride, const float* s, int64_t scale_group_stride,
+                                   int64_t scale_cols, float unit, int64_t block_o, int64_t block_i,
+                                   const at::Tensor& x, const at::Tensor& ends, int64_t depth, int64_t cols) {
   TORCH_CHECK(x.size(1) == depth, "x has ", x.size(1), " columns, the weight ", depth, " rows");
-  TORCH_CHECK(block_i % kLanes == 0 && cols % kLanes == 0, "block and columns in whole vectors of ", kLanes);
+  TORCH_CHECK(cols % kLanes == 0 && (s == nullptr || block_i % kLanes == 0), "block and columns in whole vectors of ", kLanes);
   constexpr int64_t kChunk = 8 * kLanes;
-  const int64_t chunks = (cols + kChunk - 1) / kChunk, scale_cols = scale.size(2);
+  const int64_t n = x.size(0), chunks = (cols + kChunk - 1) / kChunk;
   auto y = at::empty({n, cols}, x.options());
   std::vector<int64_t> group_of(n);
-  for (int64_t g = 0, r = 0; g < groups; ++g)
+  for (int64_t g = 0, r = 0; g < ends.numel(); ++g)
     for (; r < ends.data_ptr<int64_t>()[g]; ++r) group_of[r] = g;
-  const uint8_t* w = weight.data_ptr<uint8_t>();
-  const float* s = scale.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n * chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) {
       const int64_t r = t / chunks, c0 = (t % chunks) * kChunk, width = std::min(kChunk, cols - c0) / kLanes;
-      const uint8_t* wg = w + group_of[r] * weight.stride(0);
-      const float* sg = s + group_of[r] * scale.stride(0);
+      const W* wg = w + group_of[r] * group_stride;
+      const float* sg = s == nullptr ? nullptr : s + group_of[r] * scale_group_stride;
       Vec acc[8];
       for (int j = 0; j < 8; ++j) acc[j] = zero();
       for (int64_t k = 0; k < depth; ++k) {
-        const float xk = xp[r * depth + k] * 256.0f;
-        const float* row_scales = sg + (k / block_o) * scale_cols;
+        const float xk = xp[r * depth + k] * unit;
+        const float* row_scales = sg == nullptr ? nullptr : sg + (k / block_o) * scale_cols;
         for (int64_t j = 0; j < width; ++j) {
           const int64_t c = c0 + j * kLanes;
-          acc[j] = fma_scalar(load16(wg + k * cols + c), xk * row_scales[c / block_i], acc[j]);
+          acc[j] = fma_scalar(load16(wg + k * cols + c), row_scales == nullptr ? xk : xk * row_scales[c / block_i], acc[j]);
         }
       }
       for (int64_t j = 0; j < width; ++j) store(yp + r * cols + c0 + j * kLanes, acc[j]);
     }
   });
-  return y.to(rows.scalar_type());
+  return y;
 }
 
-// The transposed product over bfloat16 weights, y[r, :] = sum_k x[r, k] * W[g, k, :] (MLA's queries through
-// each head's key rows of a bf16 kv_b_proj, read in place): as fp8_grouped_gemv_transposed, without scales.
+at::Tensor fp8_grouped_gemv_transposed(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& rows,
+                                       const at::Tensor& ends, int64_t block_o, int64_t block_i) {
+  const at::Tensor x = rows.to(at::kFloat).contiguous();
+  check_grouped(weight, scale, x, ends);
+  return grouped_gemv_transposed(weight.data_ptr<uint8_t>(), weight.stride(0), scale.data_ptr<float>(), scale.stride(0),
+                                 scale.size(2), 256.0f, block_o, block_i, x, ends, weight.size(1), weight.size(2))
+      .to(rows.scalar_type());
+}
+
+// The same over bfloat16 weights (a bf16 kv_b_proj read in place).
 at::Tensor bf16_grouped_gemv_transposed(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& ends) {
   const at::Tensor x = rows.to(at::kFloat).contiguous();
   TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kBFloat16 && weight.stride(2) == 1 &&
               weight.stride(1) == weight.size(2), "weight: bfloat16 [groups, depth, cols], rows contiguous");
   TORCH_CHECK(ends.scalar_type() == at::kLong && ends.numel() == weight.size(0), "ends: int64 [groups]");
-  const int64_t groups = weight.size(0), depth = weight.size(1), cols = weight.size(2), n = x.size(0);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == depth, "x: [n, ", depth, "]");
-  TORCH_CHECK(cols % kLanes == 0, "columns in whole vectors of ", kLanes);
-  constexpr int64_t kChunk = 8 * kLanes;
-  const int64_t chunks = (cols + kChunk - 1) / kChunk;
-  auto y = at::empty({n, cols}, x.options());
-  std::vector<int64_t> group_of(n);
-  for (int64_t g = 0, r = 0; g < groups; ++g)
-    for (; r < ends.data_ptr<int64_t>()[g]; ++r) group_of[r] = g;
-  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, n * chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
-      const int64_t r = t / chunks, c0 = (t % chunks) * kChunk, width = std::min(kChunk, cols - c0) / kLanes;
-      const uint16_t* wg = w + group_of[r] * weight.stride(0);
-      Vec acc[8];
-      for (int j = 0; j < 8; ++j) acc[j] = zero();
-      for (int64_t k = 0; k < depth; ++k) {
-        const float xk = xp[r * depth + k];
-        for (int64_t j = 0; j < width; ++j) acc[j] = fma_scalar(load16(wg + k * cols + c0 + j * kLanes), xk, acc[j]);
-      }
-      for (int64_t j = 0; j < width; ++j) store(yp + r * cols + c0 + j * kLanes, acc[j]);
-    }
-  });
-  return y.to(rows.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "x: [n, depth]");
+  return grouped_gemv_transposed(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), weight.stride(0),
+                                 nullptr, 0, 0, 1.0f, 1, 1, x, ends, weight.size(1), weight.size(2))
+      .to(rows.scalar_type());
 }
 
 // weight [groups, rows, cols] (uint8 bits of float8_e4m3fn) with scale [groups, scale rows, scale cols] ->
