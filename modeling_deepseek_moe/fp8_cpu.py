@@ -52,12 +52,12 @@ def _build():
             source = handle.read()
         flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else platform.processor()
         digest = hashlib.sha256(source + flags.encode() + torch.__version__.encode()).hexdigest()[:12]
-        logger.info("building the FP8 decode kernel for this CPU (once, cached by torch)")
+        logger.info("building the CPU decode kernel (FP8 and bf16 weights) for this CPU (once, cached by torch)")
         return load(name=f"deepseek_moe_fp8_cpu_{digest}", sources=[SOURCE], verbose=False,
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no AVX2, ...: the dequantize path serves
-        logger.warning(f"the FP8 decode kernel could not be built ({type(error).__name__}: {error}); "
-                       "FP8 products dequantize their weights instead (slower for decoding)")
+        logger.warning(f"the CPU decode kernel could not be built ({type(error).__name__}: {error}); FP8 products "
+                       "dequantize their weights instead and bf16 ones run torch's (slower for decoding)")
         return None
 
 
