@@ -25,24 +25,24 @@ def one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; one half-precision row on the CPU as a matrix-vector product: bf16 by
-    the decode kernel where it is built (:func:`.fp8_cpu.bf16_grouped_product`, 10-30% faster than
-    ``torch.mv`` for DeepSeek's projection shapes, measured), else ``torch.mv`` (compiled: as an opaque
-    operator running it, since Inductor would generate its own loop)."""
+    """``F.linear(x, weight, bias)``; one half-precision row on the CPU as :func:`matrix_vector` (compiled:
+    as an opaque operator running it, since Inductor would generate its own loop)."""
     if not one_row(x, weight):
         return F.linear(x, weight, bias)
-    output = None if torch.compiler.is_compiling() else bf16_grouped_product(weight[None], x.reshape(1, -1), _ONE_GROUP)
-    if output is None:
-        product = torch.ops.deepseek_moe.matrix_vector if torch.compiler.is_compiling() else torch.mv
-        output = product(weight, x.reshape(-1))
-    output = output.view(*x.shape[:-1], weight.shape[0])
+    product = torch.ops.deepseek_moe.matrix_vector if torch.compiler.is_compiling() else matrix_vector
+    output = product(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     return output if bias is None else output + bias
 
 
+def matrix_vector(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """``weight @ row``: bf16 by the decode kernel where it is built (:func:`.fp8_cpu.bf16_grouped_product`,
+    10-30% faster than ``torch.mv`` for DeepSeek's projection shapes, measured), else ``torch.mv``."""
+    output = bf16_grouped_product(weight[None], row[None], _ONE_GROUP)
+    return torch.mv(weight, row) if output is None else output[0]
+
+
 _ONE_GROUP = torch.ones(1, dtype=torch.int64)  # the kernel's `ends` for one weight and one row
-
-
-torch.library.custom_op("deepseek_moe::matrix_vector", torch.mv, mutates_args=(), schema="(Tensor weight, Tensor row) -> Tensor")
+torch.library.custom_op("deepseek_moe::matrix_vector", matrix_vector, mutates_args=(), schema="(Tensor weight, Tensor row) -> Tensor")
 
 
 @torch.library.register_fake("deepseek_moe::matrix_vector")
