@@ -11,8 +11,9 @@ for the frozen weights' backward, the dequantize path of :mod:`.fp8` serves, wit
 float32 rounding. That path's dequantization runs in the same kernel module where it is built
 (:func:`dequantize`, bit-identical to the torch code it replaces).
 
-The same module serves a bf16 model's routed experts when decoding (:func:`bf16_grouped_product`): the same
-dot-product loops over bf16 weights, every expert of a layer in one call.
+The same module serves a bf16 model's decoding (:func:`bf16_grouped_product`, the same dot-product loops over
+bf16 weights): a layer's routed experts in one call, each one-row projection as a group of one
+(:func:`.linear.matrix_vector`), and a bf16 ``kv_b_proj`` head by head (:func:`head_rows_product`).
 """
 
 from __future__ import annotations

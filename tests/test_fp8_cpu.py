@@ -208,3 +208,19 @@ def test_bf16_decode_sized_expert_products_go_through_the_kernel(decode_kernel, 
     assert len(calls) == 1
     assert torch.equal(output, fp8_cpu.bf16_grouped_product(weight, rows, offsets))
     assert fp8_cpu.bf16_grouped_product(weight, torch.randn(17, 32).bfloat16(), torch.full((8,), 17)) is None  # > MAX_ROWS
+
+
+def test_one_bf16_row_goes_through_the_kernel_eager_and_compiled(decode_kernel, monkeypatch):
+    from modeling_deepseek_moe import linear
+
+    calls = []
+    monkeypatch.setattr(linear, "bf16_grouped_product", lambda *args: calls.append(args) or fp8_cpu.bf16_grouped_product(*args))
+    layer = linear.Linear(300, 200).to(torch.bfloat16)
+    x = torch.randn(1, 1, 300, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = layer(x)
+        assert len(calls) == 1
+        compiled = torch.compile(layer, fullgraph=True)(x)  # the opaque operator runs matrix_vector
+        assert len(calls) == 2
+    assert torch.equal(eager, compiled)
+    assert relative_error(eager, torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())) < 2**-8
