@@ -189,6 +189,10 @@ def _rows_product(rows: torch.Tensor, matrices: torch.Tensor, offsets: torch.Ten
 
 
 def _grouped_rows_eager(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if rows.device.type == "cpu" and few_rows(rows.shape[0], weight.shape[0]):  # decoding: see columns_product
+        product = bf16_grouped_product(weight, rows, offsets)
+        if product is not None:
+            return product
     return _rows_product(rows, weight.transpose(1, 2), offsets)
 
 

@@ -207,6 +207,9 @@ def test_bf16_decode_sized_expert_products_go_through_the_kernel(decode_kernel, 
         output = grouped_mm.grouped_linear(weight, rows, offsets)
     assert len(calls) == 1
     assert torch.equal(output, fp8_cpu.bf16_grouped_product(weight, rows, offsets))
+    with torch.no_grad():  # compiled: the token-major operator (deepseek_moe::grouped_rows) runs it too
+        compiled = torch.compile(grouped_mm.grouped_linear, fullgraph=True)(weight, rows, offsets)
+    assert len(calls) == 2 and torch.equal(compiled, output)
     assert fp8_cpu.bf16_grouped_product(weight, torch.randn(17, 32).bfloat16(), torch.full((8,), 17)) is None  # > MAX_ROWS
 
 
