@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -130,22 +131,29 @@ inline void dot_block(const W* rows, const float* scaled, int64_t in, float* out
   }
 }
 
-// Output rows [o, o_end) for M rows of scaled x: blocks of R weight rows, then one at a time.
-template <int R, int M, typename W>
-inline void dot_rows(const W* weight, const float* scaled, int64_t in, int64_t o, int64_t o_end,
-                     float* out, int64_t out_stride) {
-  for (; o + R <= o_end; o += R) dot_block<R, M>(weight + o * in, scaled, in, out + o, out_stride);
-  for (; o < o_end; ++o) dot_block<1, M>(weight + o * in, scaled, in, out + o, out_stride);
+// A tile's products in register blocks: its rows of x (j) in runs of 4, 2, 1, each against blocks of R4, R2,
+// R1 weight rows (o), then single weight rows; block(R, M, o, j) computes the R x M dot products of weight
+// rows o... with x rows j... (R, M as std::integral_constant).
+template <int R4, int R2, int R1, typename Block>
+inline void for_each_block(int64_t rows, int64_t o_begin, int64_t o_end, Block block) {
+  auto run = [&](auto r, auto m, int64_t j) {
+    int64_t o = o_begin;
+    for (; o + decltype(r)::value <= o_end; o += decltype(r)::value) block(r, m, o, j);
+    for (; o < o_end; ++o) block(std::integral_constant<int, 1>{}, m, o, j);
+  };
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) run(std::integral_constant<int, R4>{}, std::integral_constant<int, 4>{}, j);
+  for (; j + 2 <= rows; j += 2) run(std::integral_constant<int, R2>{}, std::integral_constant<int, 2>{}, j);
+  for (; j < rows; ++j) run(std::integral_constant<int, R1>{}, std::integral_constant<int, 1>{}, j);
 }
 
-// A tile's rows of x in runs of 4, 2, 1, each against blocks of weight rows (R x M accumulators).
+// Output rows [o, o_end) of a tile's rows of x (float32; FP8 weights: x scaled, see dot_block).
 template <typename W>
 inline void dot_tile(const W* weight, const float* x, int64_t rows, int64_t in, int64_t o, int64_t o_end,
                      float* out, int64_t out_stride) {
-  int64_t j = 0;
-  for (; j + 4 <= rows; j += 4) dot_rows<4, 4>(weight, x + j * in, in, o, o_end, out + j * out_stride, out_stride);
-  for (; j + 2 <= rows; j += 2) dot_rows<4, 2>(weight, x + j * in, in, o, o_end, out + j * out_stride, out_stride);
-  for (; j < rows; ++j) dot_rows<8, 1>(weight, x + j * in, in, o, o_end, out + j * out_stride, out_stride);
+  for_each_block<4, 4, 8>(rows, o, o_end, [&](auto r, auto m, int64_t row, int64_t j) {
+    dot_block<decltype(r)::value, decltype(m)::value>(weight + row * in, x + j * in, in, out + j * out_stride + row, out_stride);
+  });
 }
 
 #if defined(__AVX512FP16__)
@@ -197,23 +205,6 @@ inline void dot_block_half(const uint8_t* rows, const _Float16* x, int64_t in, c
       out[j * out_stride + r] = value * unscale[j];
     }
   }
-}
-
-template <int R, int M>
-inline void dot_rows_half(const uint8_t* weight, const _Float16* x, int64_t in, const float* unscale, int64_t o,
-                          int64_t o_end, float* out, int64_t out_stride) {
-  for (; o + R <= o_end; o += R) dot_block_half<R, M>(weight + o * in, x, in, unscale, out + o, out_stride);
-  for (; o < o_end; ++o) dot_block_half<1, M>(weight + o * in, x, in, unscale, out + o, out_stride);
-}
-
-inline void dot_tile_half(const uint8_t* weight, const _Float16* x, const float* unscale, int64_t rows, int64_t in,
-                          int64_t o, int64_t o_end, float* out, int64_t out_stride) {
-  int64_t j = 0;
-  for (; j + 4 <= rows; j += 4)
-    dot_rows_half<2, 4>(weight, x + j * in, in, unscale + j, o, o_end, out + j * out_stride, out_stride);
-  for (; j + 2 <= rows; j += 2)
-    dot_rows_half<4, 2>(weight, x + j * in, in, unscale + j, o, o_end, out + j * out_stride, out_stride);
-  for (; j < rows; ++j) dot_rows_half<8, 1>(weight, x + j * in, in, unscale + j, o, o_end, out + j * out_stride, out_stride);
 }
 
 // The largest magnitude of each block of block_i values of a row of x.
@@ -361,7 +352,10 @@ at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, c
       if (half) {
         for (int64_t j = 0, r = tile.first_row; j < tile.rows; ++j, ++r)
           unscale[j] = to_half_row(xp + r * in, &maxima[r * scale_cols], block_scales, in, block_i, scaled_half + j * in);
-        dot_tile_half(wg, scaled_half, unscale, tile.rows, in, o0, tile.out_end, target, out);
+        for_each_block<2, 4, 8>(tile.rows, o0, tile.out_end, [&](auto r, auto m, int64_t row, int64_t j) {
+          dot_block_half<decltype(r)::value, decltype(m)::value>(wg + row * in, scaled_half + j * in, in, unscale + j,
+                                                                 target + j * out + row, out);
+        });
         continue;
       }
 #endif
