@@ -231,7 +231,8 @@ inline float to_half_row(const float* x, const float* maxima, const float* block
   std::frexp(largest, &exponent);  // largest = m * 2^exponent, m in [0.5, 1)
   const float power = largest > 0.0f ? std::ldexp(1.0f, 8 - exponent) : 1.0f;
   for (int64_t b = 0; b < blocks; ++b) {
-    const float factor = block_scales[b] * 256.0f * power;  // a power of two: x * factor rounds once, as before
+    // 256 and power are powers of two: x * factor rounds once, as x * scale * 256 does in the float32 path
+    const float factor = block_scales[b] * 256.0f * power;
     const int64_t end = std::min(in, (b + 1) * block_i);
     int64_t i = b * block_i;
     for (; i + 16 <= end; i += 16) {
