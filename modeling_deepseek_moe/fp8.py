@@ -222,8 +222,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
         output = torch.ops.deepseek_moe.fp8_grouped_rows(rows, weight[None], scale_inv[None], ends, 1, *block).view(shape)
         return output if bias is None else output + bias
     # a few rows: the kernel reads the FP8 bytes only
-    output = decode_product(weight[None], scale_inv[None], rows, torch.tensor([rows.shape[0]]), weight.shape[0], block,
-                            rows.shape[0])
+    output = decode_product(weight, scale_inv, rows, None, weight.shape[0], block, rows.shape[0])
     if output is not None:
         return output.view(shape) if bias is None else output.view(shape) + bias
 

@@ -70,7 +70,7 @@ def serves(x: torch.Tensor, rows_per_weight: int) -> bool:
     return not torch.compiler.is_compiling() and kernel() is not None
 
 
-def decode_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor,
+def decode_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor | None,
                    part_rows: int, block: tuple[int, int], rows_per_weight: int) -> torch.Tensor | None:
     """:func:`grouped_rows_product` where the kernel :func:`serves` this product, else None (the caller
     dequantizes)."""
@@ -94,23 +94,25 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype
     return output.view(weight.shape)
 
 
-def grouped_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor,
+def grouped_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor | None,
                          part_rows: int, block: tuple[int, int]) -> torch.Tensor:
-    """``rows`` ``[n, in]`` grouped by expert (``ends``: int64 cumulative rows per expert) through the FP8
-    stacks ``weight`` ``[experts, out, in]`` with ``scale_inv`` ``[experts, scale rows, scale cols]``
-    (``part_rows`` apart quantized apart) -> ``[n, out]`` in the rows' dtype."""
-    return kernel().fp8_grouped_gemv(weight.contiguous().view(torch.uint8), scale_inv.float().contiguous(), rows,
-                                     ends.to(torch.int64).cpu(), part_rows, block[0], block[1])
+    """``rows`` ``[n, in]`` (float32 or bf16) grouped by expert (``ends``: cumulative rows per expert, int64 or
+    int32) through the FP8 stacks ``weight`` ``[experts, out, in]`` with ``scale_inv`` ``[experts, scale rows,
+    scale cols]`` (``part_rows`` apart quantized apart) -> ``[n, out]`` in the rows' dtype. A weight ``[out,
+    in]`` with its ``scale_inv`` and ``ends`` None: one linear layer. The kernel takes the tensors as they are
+    (no conversion or view here: a decoded token makes hundreds of these calls)."""
+    return kernel().fp8_grouped_gemv(weight.contiguous(), scale_inv, rows, ends, part_rows, block[0], block[1])
 
 
-def bf16_grouped_product(weight: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor | None:
+def bf16_grouped_product(weight: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor | None) -> torch.Tensor | None:
     """``rows`` ``[n, in]`` grouped by expert (``ends``: cumulative rows per expert) through the bfloat16
     stacks ``weight`` ``[experts, out, in]`` -> ``[n, out]`` in the rows' dtype, every expert in one kernel
-    call (one ``torch.mv`` per expert reads the weights ~20% slower). None where the kernel does not serve
-    (:func:`serves`, with all ``n`` rows counted against each weight)."""
+    call (one ``torch.mv`` per expert reads the weights ~20% slower); a weight ``[out, in]`` and ``ends``
+    None: one projection. None where the kernel does not serve (:func:`serves`, with all ``n`` rows counted
+    against each weight)."""
     if weight.dtype != torch.bfloat16 or weight.stride(-1) != 1 or weight.stride(-2) != weight.shape[-1] or not serves(rows, len(rows)):
         return None
-    return kernel().bf16_grouped_gemv(weight, rows, ends.to(torch.int64).cpu())
+    return kernel().bf16_grouped_gemv(weight, rows, ends)
 
 
 def head_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor | None, block: tuple[int, int] | None, heads: int,
@@ -135,9 +137,9 @@ def head_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor | None, bloc
     else:
         if any(rows % block[0] for rows in (per_head, first, count)) or (transposed and block[1] % 16):
             return None
-        scales = scale_inv.float().view(heads, per_head // block[0], -1)[:, first // block[0] : (first + count) // block[0]]
+        scales = scale_inv.view(heads, per_head // block[0], -1)[:, first // block[0] : (first + count) // block[0]]
         if transposed:
-            output = kernel().fp8_grouped_gemv_transposed(slices.view(torch.uint8), scales, inputs, ends, block[0], block[1])
+            output = kernel().fp8_grouped_gemv_transposed(slices, scales, inputs, ends, block[0], block[1])
         else:
-            output = kernel().fp8_grouped_gemv(slices.view(torch.uint8), scales, inputs, ends, count, block[0], block[1])
+            output = kernel().fp8_grouped_gemv(slices, scales, inputs, ends, count, block[0], block[1])
     return output.view(heads, batch, seq, -1).transpose(0, 1)

@@ -102,12 +102,19 @@ inline float to_float(uint16_t bits) {  // bfloat16
   return value;
 }
 
+inline void store_scalar(float* p, float v) { *p = v; }
+inline void store_scalar(uint16_t* p, float v) {  // float32 -> bfloat16, nearest even
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  *p = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
 constexpr int64_t kMaxRows = 16;  // rows of one group processed together (each weight read once for them)
 
 // Dot products of R weight rows with M rows of scaled x: R x M accumulators in registers. Each 16 weights
 // are converted once and used for the M rows, each 16 values of x loaded once for the R weight rows.
-template <int R, int M, typename W>
-inline void dot_block(const W* rows, const float* scaled, int64_t in, float* out, int64_t out_stride) {
+template <int R, int M, typename W, typename Out>
+inline void dot_block(const W* rows, const float* scaled, int64_t in, Out* out, int64_t out_stride) {
   Vec acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < M; ++j) acc[r][j] = zero();
@@ -126,7 +133,7 @@ inline void dot_block(const W* rows, const float* scaled, int64_t in, float* out
     for (int j = 0; j < M; ++j) {
       float value = sum(acc[r][j]);
       for (int64_t k = i; k < in; ++k) value += to_float(rows[r * in + k]) * scaled[j * in + k];
-      out[j * out_stride + r] = value;
+      store_scalar(out + j * out_stride + r, value);
     }
   }
 }
@@ -148,9 +155,9 @@ inline void for_each_block(int64_t rows, int64_t o_begin, int64_t o_end, Block b
 }
 
 // Output rows [o, o_end) of a tile's rows of x (float32; FP8 weights: x scaled, see dot_block).
-template <typename W>
+template <typename W, typename Out>
 inline void dot_tile(const W* weight, const float* x, int64_t rows, int64_t in, int64_t o, int64_t o_end,
-                     float* out, int64_t out_stride) {
+                     Out* out, int64_t out_stride) {
   for_each_block<4, 4, 8>(rows, o, o_end, [&](auto r, auto m, int64_t row, int64_t j) {
     dot_block<decltype(r)::value, decltype(m)::value>(weight + row * in, x + j * in, in, out + j * out_stride + row, out_stride);
   });
@@ -172,8 +179,8 @@ inline __m512 widen_add(__m512h partial, __m512 acc) {
   return _mm512_add_ps(acc, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(bits, 1)));
 }
 
-template <int R, int M>
-inline void dot_block_half(const uint8_t* rows, const _Float16* x, int64_t in, const float* unscale, float* out,
+template <int R, int M, typename Out>
+inline void dot_block_half(const uint8_t* rows, const _Float16* x, int64_t in, const float* unscale, Out* out,
                            int64_t out_stride) {
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
@@ -202,7 +209,7 @@ inline void dot_block_half(const uint8_t* rows, const _Float16* x, int64_t in, c
     for (int j = 0; j < M; ++j) {
       float value = _mm512_reduce_add_ps(acc[r][j]);
       for (int64_t k = i; k < in; ++k) value += to_float(rows[r * in + k]) * static_cast<float>(x[j * in + k]);
-      out[j * out_stride + r] = value * unscale[j];
+      store_scalar(out + j * out_stride + r, value * unscale[j]);
     }
   }
 }
@@ -245,13 +252,6 @@ inline float to_half_row(const float* x, const float* maxima, const float* block
 }
 #endif
 
-inline void store_scalar(float* p, float v) { *p = v; }
-inline void store_scalar(uint16_t* p, float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  *p = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-
 // Rows [first, last) of weight [groups * rows, cols] times their block scales, into out (float or bf16 bits).
 template <typename T>
 void dequantize_rows(const uint8_t* w, const float* s, T* out, int64_t first, int64_t last, int64_t rows,
@@ -286,32 +286,111 @@ struct Tile {
   int64_t group, first_row, rows, out_begin, out_end;
 };
 
-}  // namespace
+// The rows of x as float32: the tensor's own data, or bf16 rows converted here without an aten call (a decoded
+// token makes a few hundred of these small products, and each aten call costs microseconds).
+class FloatRows {
+ public:
+  explicit FloatRows(const at::Tensor& rows) : rows_(rows.contiguous()) {
+    TORCH_CHECK(rows_.dim() == 2 && (rows_.scalar_type() == at::kFloat || rows_.scalar_type() == at::kBFloat16),
+                "rows: float32 or bfloat16 [n, in]");
+    if (rows_.scalar_type() == at::kFloat) {
+      data_ = rows_.data_ptr<float>();
+      return;
+    }
+    const int64_t count = rows_.numel();
+    copy_.reset(new float[count]);
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(rows_.data_ptr<at::BFloat16>());
+    int64_t i = 0;
+    for (; i + kLanes <= count; i += kLanes) store(copy_.get() + i, load16(bits + i));
+    for (; i < count; ++i) copy_[i] = to_float(bits[i]);
+    data_ = copy_.get();
+  }
+  const float* data() const { return data_; }
+  int64_t n() const { return rows_.size(0); }
+  int64_t in() const { return rows_.size(1); }
+  // the product's result [n, out], in the rows' dtype
+  at::Tensor empty_output(int64_t out) const { return at::empty({n(), out}, rows_.options()); }
 
-// Groups may lie apart (each head's rows of MLA's kv_b_proj): rows within a group are contiguous, groups
-// stride(0) apart, in the weight and in the scales alike.
-void check_grouped(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& x, const at::Tensor& ends) {
-  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kByte && weight.stride(2) == 1 &&
-              weight.stride(1) == weight.size(2), "weight: uint8 [groups, out, in], rows contiguous");
-  TORCH_CHECK(scale.dim() == 3 && scale.scalar_type() == at::kFloat && scale.stride(2) == 1 &&
-              scale.stride(1) == scale.size(2), "scale: float32 [groups, rows, cols], rows contiguous");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [n, in]");
-  TORCH_CHECK(ends.scalar_type() == at::kLong && ends.numel() == weight.size(0), "ends: int64 [groups]");
+ private:
+  at::Tensor rows_;
+  std::unique_ptr<float[]> copy_;
+  const float* data_;
+};
+
+// Calls body with the data of y (float32 or bfloat16) as float* or uint16_t* (bfloat16 bits).
+template <typename Body>
+void with_output(at::Tensor& y, Body body) {
+  if (y.scalar_type() == at::kFloat) {
+    body(y.data_ptr<float>());
+  } else {
+    body(reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+  }
 }
 
+// A stack of weights [groups, rows, cols], or one weight [rows, cols] (a group of one). Rows within a group
+// are contiguous, groups stride(0) apart (each head's rows of MLA's kv_b_proj lie apart).
+struct Stack {
+  int64_t groups, rows, cols, group_stride;
+};
+Stack stack_of(const at::Tensor& t, const char* what) {
+  TORCH_CHECK((t.dim() == 2 || t.dim() == 3) && t.stride(-1) == 1 && t.stride(-2) == t.size(-1), what,
+              ": [groups, rows, cols] or [rows, cols], rows contiguous");
+  return t.dim() == 3 ? Stack{t.size(0), t.size(1), t.size(2), t.stride(0)} : Stack{1, t.size(0), t.size(1), 0};
+}
+
+// FP8 weights (float8_e4m3fn, or their uint8 bits) and their float32 block scales, stacked alike.
+const uint8_t* fp8_bits(const at::Tensor& weight) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat8_e4m3fn || weight.scalar_type() == at::kByte,
+              "weight: float8_e4m3fn (or its uint8 bits)");
+  return static_cast<const uint8_t*>(weight.data_ptr());
+}
+at::Tensor float_scales(const at::Tensor& scale, const Stack& weight) {
+  const at::Tensor s = scale.scalar_type() == at::kFloat ? scale : scale.to(at::kFloat);
+  TORCH_CHECK(stack_of(s, "scale").groups == weight.groups, "scale: one grid of block scales per group of the weight");
+  return s;
+}
+
+// Cumulative rows per group (int64 or int32, on the CPU); none: one group of all n rows. Rows past the last
+// group's end are left out of every product (their results are zero).
+std::vector<int64_t> group_ends(const std::optional<at::Tensor>& ends, int64_t groups, int64_t n) {
+  if (!ends.has_value()) {
+    TORCH_CHECK(groups == 1, "ends: needed for ", groups, " groups");
+    return {n};
+  }
+  const at::Tensor e = ends->contiguous();
+  TORCH_CHECK(e.device().is_cpu() && e.numel() == groups && (e.scalar_type() == at::kLong || e.scalar_type() == at::kInt),
+              "ends: int64 or int32 [groups] on the CPU");
+  std::vector<int64_t> result(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    result[g] = e.scalar_type() == at::kLong ? e.data_ptr<int64_t>()[g] : e.data_ptr<int32_t>()[g];
+    TORCH_CHECK(result[g] >= (g == 0 ? 0 : result[g - 1]) && result[g] <= n, "ends: cumulative row counts up to ", n);
+  }
+  return result;
+}
+
+// Zeroes the rows of y that no group holds.
+void zero_rows_past(at::Tensor& y, const std::vector<int64_t>& ends) {
+  const int64_t last = ends.empty() ? 0 : ends.back();
+  if (last < y.size(0)) y.narrow(0, last, y.size(0) - last).zero_();
+}
+
+}  // namespace
+
 at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& rows,
-                            const at::Tensor& ends, int64_t part_rows, int64_t block_o, int64_t block_i) {
-  const at::Tensor x = rows.to(at::kFloat).contiguous();  // bf16 rows: converted here, the result back at the end
-  check_grouped(weight, scale, x, ends);
-  const int64_t groups = weight.size(0), out = weight.size(1), in = weight.size(2), n = x.size(0);
-  TORCH_CHECK(x.size(1) == in, "x has ", x.size(1), " columns, the weight ", in);
-  const int64_t part_scale_rows = (part_rows + block_o - 1) / block_o, scale_cols = scale.size(2);
-  auto y = at::zeros({n, out}, x.options());
-  const uint8_t* w = weight.data_ptr<uint8_t>();
-  const float* s = scale.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t* end = ends.data_ptr<int64_t>();
+                            const std::optional<at::Tensor>& ends, int64_t part_rows, int64_t block_o, int64_t block_i) {
+  const FloatRows x(rows);
+  const Stack stack = stack_of(weight, "weight");
+  const at::Tensor scales = float_scales(scale, stack);
+  const int64_t groups = stack.groups, out = stack.rows, in = stack.cols, n = x.n();
+  TORCH_CHECK(x.in() == in, "x has ", x.in(), " columns, the weight ", in);
+  const std::vector<int64_t> end = group_ends(ends, groups, n);
+  const int64_t part_scale_rows = (part_rows + block_o - 1) / block_o, scale_cols = scales.size(-1);
+  const int64_t scale_group_stride = scales.dim() == 3 ? scales.stride(0) : 0;
+  at::Tensor y = x.empty_output(out);
+  zero_rows_past(y, end);
+  const uint8_t* w = fp8_bits(weight);
+  const float* s = scales.data_ptr<float>();
+  const float* xp = x.data();
 
   // Work: every group with rows, in tiles of output rows that share one scale row, and chunks of at most
   // kMaxRows rows of x.
@@ -335,69 +414,73 @@ at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, c
   std::vector<float> maxima(half ? n * scale_cols : 0);
   for (int64_t r = 0; half && r < n; ++r) block_maxima(xp + r * in, in, block_i, &maxima[r * scale_cols]);
 #endif
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t first, int64_t last) {
-    // x of the tile's rows times the block scales and 2^8 (left uninitialised: zeroing showed in decoding)
-    std::unique_ptr<float[]> scaled(new float[std::min(kMaxRows, n) * in]);
+  with_output(y, [&](auto* yp) {
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t first, int64_t last) {
+      // x of the tile's rows times the block scales and 2^8 (left uninitialised: zeroing showed in decoding)
+      std::unique_ptr<float[]> scaled(new float[std::min(kMaxRows, n) * in]);
 #if defined(__AVX512FP16__)
-    _Float16* scaled_half = reinterpret_cast<_Float16*>(scaled.get());  // in its place (half the bytes)
-    float unscale[kMaxRows];
+      _Float16* scaled_half = reinterpret_cast<_Float16*>(scaled.get());  // in its place (half the bytes)
+      float unscale[kMaxRows];
 #endif
-    for (int64_t t = first; t < last; ++t) {
-      const Tile& tile = tiles[t];
-      const int64_t o0 = tile.out_begin;
-      const int64_t scale_row = (o0 / part_rows) * part_scale_rows + (o0 % part_rows) / block_o;
-      const float* block_scales = s + tile.group * scale.stride(0) + scale_row * scale_cols;
-      const uint8_t* wg = w + tile.group * weight.stride(0);
-      float* target = yp + tile.first_row * out;
+      for (int64_t t = first; t < last; ++t) {
+        const Tile& tile = tiles[t];
+        const int64_t o0 = tile.out_begin;
+        const int64_t scale_row = (o0 / part_rows) * part_scale_rows + (o0 % part_rows) / block_o;
+        const float* block_scales = s + tile.group * scale_group_stride + scale_row * scale_cols;
+        const uint8_t* wg = w + tile.group * stack.group_stride;
+        auto* target = yp + tile.first_row * out;
 #if defined(__AVX512FP16__)
-      if (half) {
-        for (int64_t j = 0, r = tile.first_row; j < tile.rows; ++j, ++r)
-          unscale[j] = to_half_row(xp + r * in, &maxima[r * scale_cols], block_scales, in, block_i, scaled_half + j * in);
-        for_each_block<2, 4, 8>(tile.rows, o0, tile.out_end, [&](auto r, auto m, int64_t row, int64_t j) {
-          dot_block_half<decltype(r)::value, decltype(m)::value>(wg + row * in, scaled_half + j * in, in, unscale + j,
-                                                                 target + j * out + row, out);
-        });
-        continue;
+        if (half) {
+          for (int64_t j = 0, r = tile.first_row; j < tile.rows; ++j, ++r)
+            unscale[j] = to_half_row(xp + r * in, &maxima[r * scale_cols], block_scales, in, block_i, scaled_half + j * in);
+          for_each_block<2, 4, 8>(tile.rows, o0, tile.out_end, [&](auto r, auto m, int64_t row, int64_t j) {
+            dot_block_half<decltype(r)::value, decltype(m)::value>(wg + row * in, scaled_half + j * in, in, unscale + j,
+                                                                   target + j * out + row, out);
+          });
+          continue;
+        }
+#endif
+        for (int64_t j = 0; j < tile.rows; ++j) scale_by_blocks(xp + (tile.first_row + j) * in, block_scales, in, block_i, &scaled[j * in]);
+        dot_tile(wg, scaled.get(), tile.rows, in, o0, tile.out_end, target, out);
       }
-#endif
-      for (int64_t j = 0; j < tile.rows; ++j) scale_by_blocks(xp + (tile.first_row + j) * in, block_scales, in, block_i, &scaled[j * in]);
-      dot_tile(wg, scaled.get(), tile.rows, in, o0, tile.out_end, target, out);
-    }
+    });
   });
-  return y.to(rows.scalar_type());
+  return y;
 }
 
-// bfloat16 weights [groups, out, in] (a bf16 model's routed experts) against decode-sized groups of rows:
-// y[r, o] = sum_i W[g, o, i] * x[r, i], every group's products in one parallel region. torch.mv per expert
-// reads each weight at ~22-24 GB/s on this project's CPU, one large GEMV at ~28.5: each call starts its
-// threads and memory streams anew. Tiles of kTileRows output rows; accumulation float32.
-at::Tensor bf16_grouped_gemv(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& ends) {
+// bfloat16 weights [groups, out, in] (a bf16 model's routed experts; [out, in]: one projection) against
+// decode-sized groups of rows: y[r, o] = sum_i W[g, o, i] * x[r, i], every group's products in one parallel
+// region. torch.mv per expert reads each weight at ~22-24 GB/s on this project's CPU, one large GEMV at
+// ~28.5: each call starts its threads and memory streams anew. Tiles of kTileRows output rows; accumulation
+// float32.
+at::Tensor bf16_grouped_gemv(const at::Tensor& weight, const at::Tensor& rows, const std::optional<at::Tensor>& ends) {
   constexpr int64_t kTileRows = 64;
-  const at::Tensor x = rows.to(at::kFloat).contiguous();
-  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kBFloat16 && weight.stride(2) == 1 &&
-              weight.stride(1) == weight.size(2), "weight: bfloat16 [groups, out, in], rows contiguous");
-  TORCH_CHECK(ends.scalar_type() == at::kLong && ends.numel() == weight.size(0), "ends: int64 [groups]");
-  const int64_t groups = weight.size(0), out = weight.size(1), in = weight.size(2), n = x.size(0);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == in, "x: [n, ", in, "]");
-  auto y = at::empty({n, out}, x.options());
+  const FloatRows x(rows);
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "weight: bfloat16");
+  const Stack stack = stack_of(weight, "weight");
+  const int64_t groups = stack.groups, out = stack.rows, in = stack.cols, n = x.n();
+  TORCH_CHECK(x.in() == in, "x: [n, ", in, "]");
+  const std::vector<int64_t> end = group_ends(ends, groups, n);
+  at::Tensor y = x.empty_output(out);
+  zero_rows_past(y, end);
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t* end = ends.data_ptr<int64_t>();
+  const float* xp = x.data();
   std::vector<Tile> tiles;
   for (int64_t g = 0, start = 0; g < groups; start = end[g++]) {
     for (int64_t r = start; r < end[g]; r += kMaxRows)
       for (int64_t o = 0; o < out; o += kTileRows)
         tiles.push_back({g, r, std::min(kMaxRows, end[g] - r), o, std::min(out, o + kTileRows)});
   }
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
-      const Tile& tile = tiles[t];
-      dot_tile(w + tile.group * weight.stride(0), xp + tile.first_row * in, tile.rows, in, tile.out_begin,
-               tile.out_end, yp + tile.first_row * out, out);
-    }
+  with_output(y, [&](auto* yp) {
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) {
+        const Tile& tile = tiles[t];
+        dot_tile(w + tile.group * stack.group_stride, xp + tile.first_row * in, tile.rows, in, tile.out_begin,
+                 tile.out_end, yp + tile.first_row * out, out);
+      }
+    });
   });
-  return y.to(rows.scalar_type());
+  return y;
 }
 
 // The transposed product, y[r, :] = sum_k x[r, k] * W[g, k, :] (MLA's queries folded into the latent space
@@ -405,59 +488,58 @@ at::Tensor bf16_grouped_gemv(const at::Tensor& weight, const at::Tensor& rows, c
 // across all k. W is FP8 with block scales (s, times 2^8: see load16) or bf16 (s null, unit 1). Needs the
 // columns (and FP8 blocks) in whole vectors.
 template <typename W>
-at::Tensor grouped_gemv_transposed(const W* w, int64_t group_stride, const float* s, int64_t scale_group_stride,
+at::Tensor grouped_gemv_transposed(const W* w, const Stack& stack, const float* s, int64_t scale_group_stride,
                                    int64_t scale_cols, float unit, int64_t block_o, int64_t block_i,
-                                   const at::Tensor& x, const at::Tensor& ends, int64_t depth, int64_t cols) {
-  TORCH_CHECK(x.size(1) == depth, "x has ", x.size(1), " columns, the weight ", depth, " rows");
+                                   const at::Tensor& rows, const std::optional<at::Tensor>& ends) {
+  const FloatRows x(rows);
+  const int64_t depth = stack.rows, cols = stack.cols;
+  TORCH_CHECK(x.in() == depth, "x has ", x.in(), " columns, the weight ", depth, " rows");
   TORCH_CHECK(cols % kLanes == 0 && (s == nullptr || block_i % kLanes == 0), "block and columns in whole vectors of ", kLanes);
   constexpr int64_t kChunk = 8 * kLanes;
-  const int64_t n = x.size(0), chunks = (cols + kChunk - 1) / kChunk;
-  auto y = at::empty({n, cols}, x.options());
-  std::vector<int64_t> group_of(n);
-  for (int64_t g = 0, r = 0; g < ends.numel(); ++g)
-    for (; r < ends.data_ptr<int64_t>()[g]; ++r) group_of[r] = g;
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, n * chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
-      const int64_t r = t / chunks, c0 = (t % chunks) * kChunk, width = std::min(kChunk, cols - c0) / kLanes;
-      const W* wg = w + group_of[r] * group_stride;
-      const float* sg = s == nullptr ? nullptr : s + group_of[r] * scale_group_stride;
-      Vec acc[8];
-      for (int j = 0; j < 8; ++j) acc[j] = zero();
-      for (int64_t k = 0; k < depth; ++k) {
-        const float xk = xp[r * depth + k] * unit;
-        const float* row_scales = sg == nullptr ? nullptr : sg + (k / block_o) * scale_cols;
-        for (int64_t j = 0; j < width; ++j) {
-          const int64_t c = c0 + j * kLanes;
-          acc[j] = fma_scalar(load16(wg + k * cols + c), row_scales == nullptr ? xk : xk * row_scales[c / block_i], acc[j]);
+  const int64_t n = x.n(), chunks = (cols + kChunk - 1) / kChunk;
+  const std::vector<int64_t> end = group_ends(ends, stack.groups, n);
+  at::Tensor y = x.empty_output(cols);
+  zero_rows_past(y, end);
+  std::vector<int64_t> group_of(end.empty() ? 0 : end.back());
+  for (int64_t g = 0, r = 0; g < stack.groups; ++g)
+    for (; r < end[g]; ++r) group_of[r] = g;
+  const float* xp = x.data();
+  with_output(y, [&](auto* yp) {
+    at::parallel_for(0, static_cast<int64_t>(group_of.size()) * chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t r = t / chunks, c0 = (t % chunks) * kChunk, width = std::min(kChunk, cols - c0) / kLanes;
+        const W* wg = w + group_of[r] * stack.group_stride;
+        const float* sg = s == nullptr ? nullptr : s + group_of[r] * scale_group_stride;
+        Vec acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = zero();
+        for (int64_t k = 0; k < depth; ++k) {
+          const float xk = xp[r * depth + k] * unit;
+          const float* row_scales = sg == nullptr ? nullptr : sg + (k / block_o) * scale_cols;
+          for (int64_t j = 0; j < width; ++j) {
+            const int64_t c = c0 + j * kLanes;
+            acc[j] = fma_scalar(load16(wg + k * cols + c), row_scales == nullptr ? xk : xk * row_scales[c / block_i], acc[j]);
+          }
         }
+        for (int64_t j = 0; j < width; ++j) store(yp + r * cols + c0 + j * kLanes, acc[j]);
       }
-      for (int64_t j = 0; j < width; ++j) store(yp + r * cols + c0 + j * kLanes, acc[j]);
-    }
+    });
   });
   return y;
 }
 
 at::Tensor fp8_grouped_gemv_transposed(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& rows,
-                                       const at::Tensor& ends, int64_t block_o, int64_t block_i) {
-  const at::Tensor x = rows.to(at::kFloat).contiguous();
-  check_grouped(weight, scale, x, ends);
-  return grouped_gemv_transposed(weight.data_ptr<uint8_t>(), weight.stride(0), scale.data_ptr<float>(), scale.stride(0),
-                                 scale.size(2), 256.0f, block_o, block_i, x, ends, weight.size(1), weight.size(2))
-      .to(rows.scalar_type());
+                                       const std::optional<at::Tensor>& ends, int64_t block_o, int64_t block_i) {
+  const Stack stack = stack_of(weight, "weight");
+  const at::Tensor scales = float_scales(scale, stack);
+  return grouped_gemv_transposed(fp8_bits(weight), stack, scales.data_ptr<float>(), scales.dim() == 3 ? scales.stride(0) : 0,
+                                 scales.size(-1), 256.0f, block_o, block_i, rows, ends);
 }
 
 // The same over bfloat16 weights (a bf16 kv_b_proj read in place).
-at::Tensor bf16_grouped_gemv_transposed(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& ends) {
-  const at::Tensor x = rows.to(at::kFloat).contiguous();
-  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kBFloat16 && weight.stride(2) == 1 &&
-              weight.stride(1) == weight.size(2), "weight: bfloat16 [groups, depth, cols], rows contiguous");
-  TORCH_CHECK(ends.scalar_type() == at::kLong && ends.numel() == weight.size(0), "ends: int64 [groups]");
-  TORCH_CHECK(x.dim() == 2, "x: [n, depth]");
-  return grouped_gemv_transposed(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), weight.stride(0),
-                                 nullptr, 0, 0, 1.0f, 1, 1, x, ends, weight.size(1), weight.size(2))
-      .to(rows.scalar_type());
+at::Tensor bf16_grouped_gemv_transposed(const at::Tensor& weight, const at::Tensor& rows, const std::optional<at::Tensor>& ends) {
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "weight: bfloat16");
+  return grouped_gemv_transposed(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), stack_of(weight, "weight"),
+                                 nullptr, 0, 0, 1.0f, 1, 1, rows, ends);
 }
 
 // weight [groups, rows, cols] (uint8 bits of float8_e4m3fn) with scale [groups, scale rows, scale cols] ->
