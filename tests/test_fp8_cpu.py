@@ -66,13 +66,14 @@ def test_bf16_activations_within_bf16_rounding(decode_kernel):
     assert relative_error(output, expected) < 2 ** -8  # the result rounded once to bf16
 
 
-@pytest.mark.parametrize("block", [(128, 128), (16, 16), (16, 40)])
+@pytest.mark.parametrize("block", [(128, 128), (16, 16), (16, 40), (64, 64)])
 @pytest.mark.parametrize("rows", [1, 2, 5, 17])  # runs of 4, 2, 1 rows; two chunks
 @pytest.mark.parametrize("magnitude", [1e-6, 1.0, 3e4])  # float16 products: x is brought into range first
-def test_bf16_activations_equal_the_float64_product_within_bf16_rounding(decode_kernel, block, rows, magnitude):
+@pytest.mark.parametrize("columns", [300, 320])  # 320 with blocks of 64 or 128: bf16 dot products (avx512_bf16)
+def test_bf16_activations_equal_the_float64_product_within_bf16_rounding(decode_kernel, block, rows, magnitude, columns):
     generator = torch.Generator().manual_seed(rows)
-    weight, scale_inv = quantize_fp8_blockwise(torch.randn(200, 300, generator=generator), block)  # partial blocks
-    x = (torch.randn(rows, 300, generator=generator) * magnitude).bfloat16()
+    weight, scale_inv = quantize_fp8_blockwise(torch.randn(200, columns, generator=generator), block)  # partial blocks
+    x = (torch.randn(rows, columns, generator=generator) * magnitude).bfloat16()
     x[0, 7] *= 100  # one outlier, as activations have
     expected = x.double() @ dequantize_fp8_blockwise(weight, scale_inv, block=block).double().t()
     with torch.no_grad():
