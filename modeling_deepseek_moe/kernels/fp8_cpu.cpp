@@ -643,13 +643,17 @@ at::Tensor grouped_gemv_transposed(const W* w, const Stack& stack, const float* 
         const W* wg = w + group_of[r] * stack.group_stride;
         const float* sg = s == nullptr ? nullptr : s + group_of[r] * scale_group_stride;
         Vec acc[8];
-        for (int j = 0; j < 8; ++j) acc[j] = zero();
+        int64_t scale_col[8];  // each vector's block of columns (a division per vector and k cost more than the FMA)
+        for (int j = 0; j < 8; ++j) {
+          acc[j] = zero();
+          scale_col[j] = (c0 + j * kLanes) / block_i;
+        }
         for (int64_t k = 0; k < depth; ++k) {
           const float xk = xp[r * depth + k] * unit;
           const float* row_scales = sg == nullptr ? nullptr : sg + (k / block_o) * scale_cols;
           for (int64_t j = 0; j < width; ++j) {
             const int64_t c = c0 + j * kLanes;
-            acc[j] = fma_scalar(load16(wg + k * cols + c), row_scales == nullptr ? xk : xk * row_scales[c / block_i], acc[j]);
+            acc[j] = fma_scalar(load16(wg + k * cols + c), row_scales == nullptr ? xk : xk * row_scales[scale_col[j]], acc[j]);
           }
         }
         for (int64_t j = 0; j < width; ++j) store(yp + r * cols + c0 + j * kLanes, acc[j]);
