@@ -13,7 +13,8 @@
    bandwidth >= 0.7x the GEMV rate).
 4. The experts-in-CPU-memory placement's cost per decoded token for a DeepSeek-V2-Lite-sized model: one
    MoE layer of V2-Lite's width (hidden 2048, 64 routed experts of 1408, top-6, 2 shared) forwarding one
-   token on this CPU, FP8 against bf16, times V2-Lite's 26 MoE layers.
+   token on this CPU, FP8 against bf16, times V2-Lite's 26 MoE layers, and the bytes of the weights the
+   token read (router, shared experts, the six chosen experts) per second against the same GEMV's rate.
 
     python benchmarks/bench_fp8.py [--tokens 256 1024 4096] [--decode-tokens 1 4 16] [--rounds 5]
 """
@@ -63,16 +64,17 @@ def measure_load(directory: str, dtype: str) -> dict:
 
 
 def read_bytes(model) -> int:
-    """Bytes of the weights the last forward read: every parameter and buffer but the embedding, and of
-    the routed experts only those that received a token (router statistics of that forward)."""
+    """Bytes of the weights the last forward of ``model`` (a model or one MoE layer) read: every parameter
+    and buffer but the embedding, and of the routed experts only those that received a token (router
+    statistics of that forward)."""
     total = 0
     for name, module in model.named_modules():
         for attr, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if tensor is None or name.endswith("embed_tokens") or attr.endswith("_load"):
                 continue
             size = tensor.numel() * tensor.element_size()
-            if ".experts.chunks." in f"{name}.":
-                gate = model.get_submodule(name.rsplit(".experts", 1)[0]).gate
+            if ".experts.chunks." in f".{name}.":
+                gate = model.get_submodule(name.rsplit("experts.chunks", 1)[0].rstrip(".")).gate
                 size = size * int((gate.last_forward_load > 0).sum()) // gate.num_experts
             total += size
     return total
@@ -116,10 +118,10 @@ V2_LITE = dict(hidden_size=2048, intermediate_size=10944, moe_intermediate_size=
 V2_LITE_MOE_LAYERS = 26
 
 
-def v2_lite_experts_per_token(work: str, rounds: int) -> dict:
+def v2_lite_experts_per_token(work: str, rounds: int, gemv_rate: float) -> dict:
     """One V2-Lite MoE layer (router, routed and shared experts) forwarding one token, FP8 and bf16 weights,
     and the same times V2-Lite's MoE layers: the CPU's share of a decoded token with the experts in CPU
-    memory."""
+    memory; with the bytes of the weights the token read, per second, against ``gemv_rate``."""
     fp8, bf16 = os.path.join(work, "v2-lite-fp8"), os.path.join(work, "v2-lite-bf16")
     write_fp8_official_checkpoint(fp8, "v2", **V2_LITE)
     conversion.dequantize(fp8, bf16, quiet=True)
@@ -131,7 +133,11 @@ def v2_lite_experts_per_token(work: str, rounds: int) -> dict:
         times = interleaved({name: (lambda layer=layer: layer(hidden)) for name, layer in layers.items()},
                             rounds=rounds * 4, warmup=2)
     summary = summarise(times, "bf16")
-    for row in summary.values():
+    for name, row in summary.items():
+        with torch.no_grad():
+            layers[name](hidden)
+        row["read_GB"] = read_bytes(layers[name]) / 1e9
+        row["bandwidth_to_gemv"] = row["read_GB"] * 1e9 / (row["median_ms"] / 1000) / gemv_rate
         row["per_token_ms_26_layers"] = row["median_ms"] * V2_LITE_MOE_LAYERS
         row["tokens_per_second"] = 1000 / row["per_token_ms_26_layers"]
     print_table(f"one V2-Lite MoE layer, 1 token (x{V2_LITE_MOE_LAYERS} layers per decoded token)", summary)
@@ -167,7 +173,7 @@ def main() -> None:
         }
         results = {"config": CONFIG, "memory": memory, "weight_ratio": ratio, "rss_ratio": rss_ratio, "forward": {}}
         results["decode"] = decode_rows(models, args.decode_tokens, args.rounds)
-        results["v2_lite_moe_layer"] = v2_lite_experts_per_token(work, args.rounds)
+        results["v2_lite_moe_layer"] = v2_lite_experts_per_token(work, args.rounds, results["decode"]["gemv_bytes_per_second"])
         for tokens in args.tokens:
             ids = torch.randint(0, CONFIG["vocab_size"], (1, tokens))
 
