@@ -131,7 +131,7 @@ constexpr int64_t kMaxRows = 16;  // rows of one group processed together (each 
 // are converted once and used for the M rows, each 16 values of x loaded once for the R weight rows. The
 // loop steps a cache line of weights at a time, prefetching the next block's rows: weights stream from
 // memory once. (A prefetch under a branch inside the vector loop made GCC store every accumulator to the
-// stack at each step: 1.2x slower with AVX2 at one row, 1.8x at four; with AVX-512 it made no difference.)
+// stack at each step: 1.1-1.2x slower with AVX2 at one row; with AVX-512 it made no difference.)
 template <int R, int M, typename W, typename Out>
 inline void dot_block(const W* rows, const float* scaled, int64_t in, Out* out, int64_t out_stride) {
   constexpr int64_t kLine = 64 / sizeof(W);  // weights in a cache line of a row: whole vectors
