@@ -18,6 +18,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -530,10 +531,13 @@ at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, c
   std::vector<float> maxima(half ? n * scale_cols : 0);
   for (int64_t r = 0; half && r < n; ++r) block_maxima(xp + r * in, in, block_i, &maxima[r * scale_cols]);
 #elif defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-  const uint16_t* bf16_x = x.bf16_bits();  // bf16 dot products where the blocks are whole chunks
-  const bool dot = bf16_x != nullptr && in % kDotChunk == 0 && block_i % kDotChunk == 0;
-  std::vector<uint16_t> permuted(dot ? n * in : 0);
-  for (int64_t r = 0; dot && r < n; ++r) permute_for_dot(bf16_x + r * in, in, &permuted[r * in]);
+  // bf16 dot products where the blocks are whole chunks, for tiles of several rows (see below): x permuted only
+  // where such a tile exists (decoding one token has none), left uninitialised otherwise
+  const uint16_t* bf16_x = x.bf16_bits();
+  const bool dot = bf16_x != nullptr && in % kDotChunk == 0 && block_i % kDotChunk == 0 &&
+                   std::any_of(tiles.begin(), tiles.end(), [](const Tile& tile) { return tile.rows > 1; });
+  std::unique_ptr<uint16_t[]> permuted(dot ? new uint16_t[n * in] : nullptr);
+  for (int64_t r = 0; dot && r < n; ++r) permute_for_dot(bf16_x + r * in, in, permuted.get() + r * in);
   static const Fp8ToBf16Tables tables = fp8_to_bf16_tables();
 #endif
   with_output(y, [&](auto* yp) {
@@ -563,7 +567,7 @@ at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, c
         }
 #elif defined(__AVX512BF16__) && defined(__AVX512VBMI__)
         if (dot && tile.rows > 1) {  // one row streams no faster by dot products (3-7% slower, from memory)
-          const uint16_t* tile_x = &permuted[tile.first_row * in];
+          const uint16_t* tile_x = permuted.get() + tile.first_row * in;
           // R x M sums and as many partial sums: at most 16 + 16 of the 32 registers, tables and weights too
           for_each_block<2, 4, 8>(tile.rows, o0, tile.out_end, [&](auto r, auto m, int64_t row, int64_t j) {
             dot_block_bf16<decltype(r)::value, decltype(m)::value>(wg + row * in, tile_x + j * in, in, block_scales, block_i,
