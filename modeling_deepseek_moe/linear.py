@@ -40,6 +40,18 @@ def matrix_vector(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     output = bf16_grouped_product(weight, row.view(1, -1), None)
     return torch.mv(weight, row) if output is None else output.view(-1)
 
+def float32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x.float(), weight.float())`` (the routers' float32 logits). A bf16 weight against a few rows
+    is read in place by the decode kernel, whose products of bf16 and float32 are exact as well: the float32
+    copy of the weight that ``weight.float()`` makes at every call cost more than the product itself."""
+    rows = x.float()
+    if weight.dtype == torch.bfloat16:
+        output = bf16_grouped_product(weight, rows.reshape(-1, rows.shape[-1]), None)
+        if output is not None:
+            return output.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(rows, weight.float())
+
+
 torch.library.custom_op("deepseek_moe::matrix_vector", matrix_vector, mutates_args=(), schema="(Tensor weight, Tensor row) -> Tensor")
 
 

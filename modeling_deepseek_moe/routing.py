@@ -16,6 +16,7 @@ from torch import nn
 
 from .configuration import DeepseekMoEConfig
 from .fixed_dtypes import keep_dtypes_apply
+from .linear import float32_linear
 
 
 def tokens_per_expert(topk_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -71,7 +72,7 @@ class TopKRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
         """``hidden_states`` ``[tokens, hidden]`` -> routing decision for each token."""
         if self.logits_in_fp32:
-            logits = F.linear(hidden_states.float(), self.weight.float())
+            logits = float32_linear(hidden_states, self.weight)
         else:
             logits = F.linear(hidden_states, self.weight)
         if self.scoring_func == "softmax":
