@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2FN, SiLUActivation
 
 from .configuration import DeepseekMoEConfig
 from .bnb4bit import bnb4bit_grouped_linear, bnb4bit_settings, dequantize_experts, quantize_part, stack_tensor_shapes
@@ -29,7 +29,8 @@ from .dispatch import expert_parallel_mixture, sliced_mixture, token_major_mixtu
 from .distributed import ExpertParallel, scale_gradient
 from .fixed_dtypes import keep_dtypes_apply
 from .fp8 import FP8_DTYPE, dequantize_stacked, fp8_grouped_linear, fp8_settings, quantize_stacked, stacked_scale_shape
-from .grouped_mm import grouped_linear
+from .fp8_cpu import routed_mixture
+from .grouped_mm import few_rows, grouped_linear
 from .mlp import gated
 
 
@@ -91,6 +92,18 @@ class ExpertChunk(nn.Module):
         else:  # inference: reuse the activation's buffer
             hidden = self.act_fn(gate).mul_(up).mul_(weights)
         return self.project("down_proj", hidden, offsets, experts, delta).to(stream_dtype)
+
+    def decode_mixture(self, hidden_states: torch.Tensor, topk_indices: torch.Tensor,
+                       topk_weights: torch.Tensor) -> torch.Tensor | None:
+        """The routed mixture of a decode-sized batch (:func:`.grouped_mm.few_rows`) of all experts of this
+        chunk in one kernel call (:func:`.fp8_cpu.routed_mixture`), where it serves: FP8 or bf16 stacks,
+        SiLU, no emulated FP8 activations, no gradients. Else None (the dispatcher's path)."""
+        if (self.bnb4bit is not None or (self.fp8 or {}).get("mode") == "scaled" or not few_rows(topk_indices.numel(), self.num_experts)
+                or not isinstance(self.act_fn, (nn.SiLU, SiLUActivation))):
+            return None
+        scales = [getattr(self, name + "_scale_inv", None) for name in self.PARTS]
+        return routed_mixture(hidden_states, topk_indices, topk_weights, self.gate_up_proj, scales[0], self.down_proj,
+                              scales[1], self.fp8["block"] if self.fp8 else None)
 
     def project(self, projection: str, rows: torch.Tensor, offsets: torch.Tensor, experts: slice = slice(None),
                 delta: Callable | None = None) -> torch.Tensor:
@@ -231,5 +244,7 @@ class RoutedExperts(nn.Module):
             return expert_parallel_mixture(self, hidden_states, topk_indices, topk_weights)
         on_cpu = all(next(chunk.parameters()).device.type == "cpu" for chunk in self.chunks)
         if on_cpu and not torch.compiler.is_compiling():
-            return sliced_mixture(self, hidden_states, topk_indices, topk_weights)
+            (chunk, *others) = self.chunks
+            mixed = None if others or type(chunk) is not ExpertChunk else chunk.decode_mixture(hidden_states, topk_indices, topk_weights)
+            return sliced_mixture(self, hidden_states, topk_indices, topk_weights) if mixed is None else mixed
         return token_major_mixture(self, hidden_states, topk_indices, topk_weights)

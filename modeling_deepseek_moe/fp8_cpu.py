@@ -13,7 +13,8 @@ float32 rounding. That path's dequantization runs in the same kernel module wher
 
 The same module serves a bf16 model's decoding (:func:`bf16_grouped_product`, the same dot-product loops over
 bf16 weights): a layer's routed experts in one call, each one-row projection as a group of one
-(:func:`.linear.matrix_vector`), and a bf16 ``kv_b_proj`` head by head (:func:`head_rows_product`).
+(:func:`.linear.matrix_vector`), and a bf16 ``kv_b_proj`` head by head (:func:`head_rows_product`). A decoding
+step's whole routed mixture, FP8 or bf16, is one call too (:func:`routed_mixture`).
 """
 
 from __future__ import annotations
@@ -113,6 +114,23 @@ def bf16_grouped_product(weight: torch.Tensor, rows: torch.Tensor, ends: torch.T
     if weight.dtype != torch.bfloat16 or weight.stride(-1) != 1 or weight.stride(-2) != weight.shape[-1] or not serves(rows, len(rows)):
         return None
     return kernel().bf16_grouped_gemv(weight, rows, ends)
+
+
+def routed_mixture(hidden: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
+                   gate_up_scale: torch.Tensor | None, down: torch.Tensor, down_scale: torch.Tensor | None,
+                   block: tuple[int, int] | None) -> torch.Tensor | None:
+    """A decoding step's routed mixture ``[n, hidden]`` in one kernel call: ``hidden`` ``[n, hidden]`` through
+    each token's ``topk_indices`` experts (SwiGLU with the stacked ``gate_up`` ``[experts, 2 * intermediate,
+    hidden]`` and ``down`` ``[experts, hidden, intermediate]``, FP8 with their scales and ``block``, or bf16
+    with None), weighted by ``topk_weights`` and summed: what the dispatcher and
+    :meth:`.experts.ExpertChunk.forward` compute, with the same numbers, without their ~20 Python-level calls
+    per layer. None where the kernel does not serve (:func:`serves`, weights neither FP8 nor bf16, activations
+    neither float32 nor bf16)."""
+    if (gate_up.dtype not in (torch.float8_e4m3fn, torch.bfloat16) or hidden.dtype not in (torch.float32, torch.bfloat16)
+            or not serves(hidden, len(hidden))):
+        return None
+    return kernel().routed_mixture(hidden, topk_indices, topk_weights, gate_up, gate_up_scale, down, down_scale,
+                                   *(block or (0, 0)))
 
 
 def head_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor | None, block: tuple[int, int] | None, heads: int,

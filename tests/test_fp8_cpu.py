@@ -244,3 +244,74 @@ def test_one_bf16_row_goes_through_the_kernel_eager_and_compiled(decode_kernel, 
         assert len(calls) == 2
     assert torch.equal(eager, compiled)
     assert relative_error(eager, torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())) < 2**-8
+
+
+@pytest.mark.parametrize("tokens", [1, 2])  # tiny V3: 16 experts, top-4 (2 tokens: 8 rows, still decode-sized)
+def test_decode_mixture_in_one_call_equals_the_dispatcher(decode_kernel, tmp_path, monkeypatch, tokens):
+    """A decoding step's routed mixture in one kernel call (fp8_cpu.routed_mixture) against the dispatcher's
+    steps: the same numbers for FP8 experts (the same products and aten operations in the same order); for bf16
+    experts the dispatcher's products of more than MAX_ROWS rows in all run torch's, so within bf16 rounding."""
+    from modeling_deepseek_moe import dispatch, experts
+
+    calls = []
+    monkeypatch.setattr(experts, "routed_mixture", lambda *a: calls.append(1) or fp8_cpu.routed_mixture(*a))
+    write_fp8_official_checkpoint(tmp_path / "fp8", "v3")
+    for dtype in (torch.float32, torch.bfloat16):
+        moe = DeepseekMoEV3ForCausalLM.from_pretrained(tmp_path / "fp8", dtype=dtype, fp8_compute="dequantize").model.layers[1].mlp
+        hidden = torch.randn(tokens, moe.config.hidden_size, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+        with torch.no_grad():
+            routing = moe.gate(hidden)
+            fused = moe.experts(hidden, routing.topk_indices, routing.topk_weights)
+            stepwise = dispatch.sliced_mixture(moe.experts, hidden, routing.topk_indices, routing.topk_weights)
+        assert len(calls) == 1 and torch.equal(fused, stepwise)
+        calls.clear()
+        chunk = moe.experts.chunks[0]
+        bf16 = {name: chunk.dequantized(name, torch.bfloat16) for name in chunk.PARTS}
+        with torch.no_grad():
+            output = fp8_cpu.routed_mixture(hidden.bfloat16(), routing.topk_indices, routing.topk_weights,
+                                            bf16["gate_up_proj"], None, bf16["down_proj"], None, None)
+        expected = torch.zeros(tokens, hidden.shape[1], dtype=torch.float64)
+        for token, (indices, weights) in enumerate(zip(routing.topk_indices, routing.topk_weights)):
+            for expert, weight in zip(indices.tolist(), weights.tolist()):
+                gate, up = (bf16["gate_up_proj"][expert].double() @ hidden[token].double()).chunk(2)
+                expected[token] += bf16["down_proj"][expert].double() @ (torch.nn.functional.silu(gate) * up * weight)
+        assert output.dtype == torch.bfloat16 and relative_error(output.double(), expected) < 2e-2  # bf16 steps
+
+
+def test_decode_mixture_served_only_for_decode_sized_batches_without_gradients(decode_kernel, tmp_path):
+    write_fp8_official_checkpoint(tmp_path, "v3")
+    moe = DeepseekMoEV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, fp8_compute="dequantize").model.layers[1].mlp
+    chunk = moe.experts.chunks[0]
+
+    def served(tokens: int, grad: bool = False) -> bool:
+        hidden = torch.randn(tokens, moe.config.hidden_size, requires_grad=grad)
+        routing = moe.gate(hidden)
+        return chunk.decode_mixture(hidden, routing.topk_indices, routing.topk_weights) is not None
+
+    with torch.no_grad():
+        assert served(2) and not served(3)  # 3 tokens x top-4 over 16 experts: the GEMM-sized path
+    assert not served(1, grad=True)
+    chunk.fp8["mode"] = "scaled"  # FP8-emulated activations go through the dispatcher's products
+    with torch.no_grad():
+        assert not served(1)
+    hidden, indices = torch.randn(1, moe.config.hidden_size), torch.tensor([[0, 1, 2, 99]])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="topk_indices"):
+        fp8_cpu.routed_mixture(hidden, indices, torch.ones(1, 4), chunk.gate_up_proj, chunk.gate_up_proj_scale_inv,
+                               chunk.down_proj, chunk.down_proj_scale_inv, chunk.fp8["block"])
+
+
+def test_bf16_router_logits_read_the_weight_in_place_in_float32(decode_kernel, monkeypatch):
+    """A bf16 router's float32 logits (DeepSeek's F.linear(x.float(), w.float())) through the kernel for a few
+    rows: float32 sums of exact products, so float32 rounding apart; with gradients, the float copy."""
+    from modeling_deepseek_moe import linear
+
+    calls = []
+    monkeypatch.setattr(linear, "bf16_grouped_product", lambda *args: calls.append(args) or fp8_cpu.bf16_grouped_product(*args))
+    weight, x = torch.randn(64, 300).bfloat16(), torch.randn(3, 300).bfloat16()
+    with torch.no_grad():
+        logits = linear.float32_linear(x, weight)
+    assert len(calls) == 1 and logits.dtype == torch.float32
+    assert relative_error(logits.double(), x.double() @ weight.double().t()) < 1e-6
+    trained = linear.float32_linear(x.requires_grad_(), weight)
+    assert len(calls) == 2 and trained.grad_fn is not None  # (the kernel declined: F.linear ran)
+    assert relative_error(trained.detach(), logits) < 1e-6

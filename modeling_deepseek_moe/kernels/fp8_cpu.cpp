@@ -493,14 +493,16 @@ void zero_rows_past(at::Tensor& y, const std::vector<int64_t>& ends) {
 
 }  // namespace
 
-at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& rows,
-                            const std::optional<at::Tensor>& ends, int64_t part_rows, int64_t block_o, int64_t block_i) {
+namespace {
+
+// fp8_grouped_gemv with the groups' ends checked (group_ends)
+at::Tensor fp8_product(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& rows,
+                       const std::vector<int64_t>& end, int64_t part_rows, int64_t block_o, int64_t block_i) {
   const FloatRows x(rows);
   const Stack stack = stack_of(weight, "weight");
   const at::Tensor scales = float_scales(scale, stack);
   const int64_t groups = stack.groups, out = stack.rows, in = stack.cols, n = x.n();
   TORCH_CHECK(x.in() == in, "x has ", x.in(), " columns, the weight ", in);
-  const std::vector<int64_t> end = group_ends(ends, groups, n);
   const int64_t part_scale_rows = (part_rows + block_o - 1) / block_o, scale_cols = scales.size(-1);
   const int64_t scale_group_stride = scales.dim() == 3 ? scales.stride(0) : 0;
   at::Tensor y = x.empty_output(out);
@@ -584,19 +586,29 @@ at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, c
   return y;
 }
 
+}  // namespace
+
+at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& rows,
+                            const std::optional<at::Tensor>& ends, int64_t part_rows, int64_t block_o, int64_t block_i) {
+  const int64_t groups = weight.dim() == 3 ? weight.size(0) : 1;
+  return fp8_product(weight, scale, rows, group_ends(ends, groups, rows.size(0)), part_rows, block_o, block_i);
+}
+
 // bfloat16 weights [groups, out, in] (a bf16 model's routed experts; [out, in]: one projection) against
 // decode-sized groups of rows: y[r, o] = sum_i W[g, o, i] * x[r, i], every group's products in one parallel
 // region. torch.mv per expert reads each weight at ~22-24 GB/s on this project's CPU, one large GEMV at
 // ~28.5: each call starts its threads and memory streams anew. Tiles of kTileRows output rows; accumulation
 // float32.
-at::Tensor bf16_grouped_gemv(const at::Tensor& weight, const at::Tensor& rows, const std::optional<at::Tensor>& ends) {
+namespace {
+
+// bf16_grouped_gemv with the groups' ends checked (group_ends)
+at::Tensor bf16_product(const at::Tensor& weight, const at::Tensor& rows, const std::vector<int64_t>& end) {
   constexpr int64_t kTileRows = 64;
   const FloatRows x(rows);
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "weight: bfloat16");
   const Stack stack = stack_of(weight, "weight");
-  const int64_t groups = stack.groups, out = stack.rows, in = stack.cols, n = x.n();
+  const int64_t groups = stack.groups, out = stack.rows, in = stack.cols;
   TORCH_CHECK(x.in() == in, "x: [n, ", in, "]");
-  const std::vector<int64_t> end = group_ends(ends, groups, n);
   at::Tensor y = x.empty_output(out);
   zero_rows_past(y, end);
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
@@ -617,6 +629,53 @@ at::Tensor bf16_grouped_gemv(const at::Tensor& weight, const at::Tensor& rows, c
     });
   });
   return y;
+}
+
+}  // namespace
+
+at::Tensor bf16_grouped_gemv(const at::Tensor& weight, const at::Tensor& rows, const std::optional<at::Tensor>& ends) {
+  return bf16_product(weight, rows, group_ends(ends, weight.dim() == 3 ? weight.size(0) : 1, rows.size(0)));
+}
+
+// Decoding's routed mixture in one call: the steps of the Python dispatcher and ExpertChunk.forward for a few
+// tokens without gradients (a Python call between each step costs more than the step): the (token, expert)
+// assignments grouped by expert, stably; each token's row through its experts' gate/up projection;
+// SiLU(gate) * up * mixing weight; the down projection; the results added to their tokens in that order.
+// The same aten operations for all but the products (hence the same numbers). Weights: stacked [experts,
+// out, in], FP8 with their block scales (the gate's and the up projection's grids stacked) or bf16 (no
+// scales); hidden [n, h] float32 or bf16; topk_indices int64 and topk_weights (float) [n, top_k].
+at::Tensor routed_mixture(const at::Tensor& hidden, const at::Tensor& topk_indices, const at::Tensor& topk_weights,
+                          const at::Tensor& gate_up, const std::optional<at::Tensor>& gate_up_scale, const at::Tensor& down,
+                          const std::optional<at::Tensor>& down_scale, int64_t block_o, int64_t block_i) {
+  TORCH_CHECK(hidden.dim() == 2 && topk_indices.dim() == 2 && topk_indices.size(0) == hidden.size(0) &&
+              topk_indices.scalar_type() == at::kLong && topk_weights.sizes() == topk_indices.sizes(),
+              "hidden [n, h], topk_indices int64 and topk_weights [n, top_k]");
+  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3 && down.size(0) == gate_up.size(0) &&
+              gate_up_scale.has_value() == down_scale.has_value(), "stacked gate_up and down weights, both FP8 or neither");
+  const int64_t experts = gate_up.size(0), intermediate = gate_up.size(1) / 2;
+  const at::Tensor indices = topk_indices.contiguous().view(-1);
+  const int64_t* expert_of = indices.data_ptr<int64_t>();
+  const int64_t assignments = indices.numel(), top_k = topk_indices.size(1);
+  // a counting sort: stable, as argsort(stable=True)
+  std::vector<int64_t> end(experts, 0);
+  for (int64_t a = 0; a < assignments; ++a) {
+    TORCH_CHECK(expert_of[a] >= 0 && expert_of[a] < experts, "topk_indices: experts 0..", experts - 1);
+    ++end[expert_of[a]];
+  }
+  for (int64_t e = 1; e < experts; ++e) end[e] += end[e - 1];
+  at::Tensor order = at::empty({assignments}, indices.options());
+  std::vector<int64_t> next(experts);
+  for (int64_t e = 0; e < experts; ++e) next[e] = e == 0 ? 0 : end[e - 1];
+  for (int64_t a = 0; a < assignments; ++a) order.data_ptr<int64_t>()[next[expert_of[a]]++] = a;
+  const at::Tensor token = order.div(top_k, "floor");
+  const at::Tensor rows = hidden.index_select(0, token);
+  const at::Tensor gate_up_rows = gate_up_scale.has_value()
+      ? fp8_product(gate_up, *gate_up_scale, rows, end, intermediate, block_o, block_i) : bf16_product(gate_up, rows, end);
+  const at::Tensor weights = topk_weights.reshape(-1).index_select(0, order).to(gate_up_rows.scalar_type()).unsqueeze(1);
+  const at::Tensor activated = at::silu(gate_up_rows.narrow(1, 0, intermediate)).mul_(gate_up_rows.narrow(1, intermediate, intermediate)).mul_(weights);
+  const at::Tensor outputs = down_scale.has_value()
+      ? fp8_product(down, *down_scale, activated, end, down.size(1), block_o, block_i) : bf16_product(down, activated, end);
+  return at::zeros_like(hidden).index_add_(0, token, outputs.to(hidden.scalar_type()));
 }
 
 // The transposed product, y[r, :] = sum_k x[r, k] * W[g, k, :] (MLA's queries folded into the latent space
@@ -712,4 +771,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_grouped_gemv", &bf16_grouped_gemv, "decode-sized products with stacked bfloat16 weights");
   m.def("bf16_grouped_gemv_transposed", &bf16_grouped_gemv_transposed, "x @ W per group, bfloat16 W");
   m.def("fp8_dequantize", &fp8_dequantize, "block-wise FP8 weights to float32 or bfloat16");
+  m.def("routed_mixture", &routed_mixture, "decoding's routed mixture of experts in one call");
 }
