@@ -7,7 +7,9 @@ apart. A chunk takes rows grouped by expert and runs one grouped product per pro
 (:meth:`ExpertChunk.project`): the plain product (:func:`.grouped_mm.grouped_linear`), the FP8 product for
 FP8 stacks (:func:`.fp8.fp8_grouped_linear`), the 4-bit product for bitsandbytes stacks
 (:func:`.bnb4bit.bnb4bit_grouped_linear`), plus LoRA adapters' deltas and expert parallelism's gradient
-scale, all at that one place. Which rows a chunk gets is the dispatcher's business (:mod:`.dispatch`).
+scale, all at that one place. Which rows a chunk gets is the dispatcher's business (:mod:`.dispatch`),
+except for a decoding step on the CPU, whose whole mixture is one kernel call
+(:meth:`ExpertChunk.decode_mixture`).
 
 With an FP8 ``quantization_config`` the stacked weights stay ``float8_e4m3fn`` with their block scales
 (``gate_up_proj_scale_inv``: the gate's and the up projection's block grids stacked). With a bitsandbytes
@@ -243,8 +245,12 @@ class RoutedExperts(nn.Module):
         if self.expert_parallel is not None:
             return expert_parallel_mixture(self, hidden_states, topk_indices, topk_weights)
         on_cpu = all(next(chunk.parameters()).device.type == "cpu" for chunk in self.chunks)
-        if on_cpu and not torch.compiler.is_compiling():
+        if on_cpu:
             (chunk, *others) = self.chunks
+            # a decoding step's mixture in one kernel call (eager or compiled), where it serves
             mixed = None if others or type(chunk) is not ExpertChunk else chunk.decode_mixture(hidden_states, topk_indices, topk_weights)
-            return sliced_mixture(self, hidden_states, topk_indices, topk_weights) if mixed is None else mixed
+            if mixed is not None:
+                return mixed
+            if not torch.compiler.is_compiling():
+                return sliced_mixture(self, hidden_states, topk_indices, topk_weights)
         return token_major_mixture(self, hidden_states, topk_indices, topk_weights)

@@ -217,14 +217,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
         return output if bias is None else output + bias
     inputs = quantize_dequantize_activations(x, block[1]).to(x.dtype) if scaled else x
     rows = inputs.reshape(-1, inputs.shape[-1])
+    # a few rows: the kernel reads the FP8 bytes only (compiled: as its operator)
+    output = decode_product(weight, scale_inv, rows, None, weight.shape[0], block, rows.shape[0])
+    if output is not None:
+        return output.view(shape) if bias is None else output.view(shape) + bias
     if torch.compiler.is_compiling():  # the grouped FP8 operator with one group (opaque, as it)
         ends = torch.full((1,), rows.shape[0], dtype=torch.int32, device=rows.device)
         output = torch.ops.deepseek_moe.fp8_grouped_rows(rows, weight[None], scale_inv[None], ends, 1, *block).view(shape)
         return output if bias is None else output + bias
-    # a few rows: the kernel reads the FP8 bytes only
-    output = decode_product(weight, scale_inv, rows, None, weight.shape[0], block, rows.shape[0])
-    if output is not None:
-        return output.view(shape) if bias is None else output.view(shape) + bias
 
     def product(v: torch.Tensor, transposed: bool) -> torch.Tensor:
         height = row_tile_height(weight, v.dtype, block, DEQUANTIZE_BUDGET_BYTES)

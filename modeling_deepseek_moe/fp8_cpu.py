@@ -14,7 +14,8 @@ float32 rounding. That path's dequantization runs in the same kernel module wher
 The same module serves a bf16 model's decoding (:func:`bf16_grouped_product`, the same dot-product loops over
 bf16 weights): a layer's routed experts in one call, each one-row projection as a group of one
 (:func:`.linear.matrix_vector`), and a bf16 ``kv_b_proj`` head by head (:func:`head_rows_product`). A decoding
-step's whole routed mixture, FP8 or bf16, is one call too (:func:`routed_mixture`).
+step's whole routed mixture, FP8 or bf16, is one call too (:func:`routed_mixture`). The module registers its
+functions as torch operators as well, which compiled graphs call (:func:`kernel`).
 """
 
 from __future__ import annotations
@@ -36,10 +37,47 @@ _KERNEL: dict = {}
 
 
 def kernel():
-    """The compiled kernel module, or None where it cannot be built (said once, in a warning)."""
+    """The compiled kernel module, or None where it cannot be built (said once, in a warning). In a graph being
+    compiled, the same functions as torch operators (the kernel built while tracing): the graph calls them
+    without a Python step (a Python custom operator costs ~20 us per call, as much as a decoding product)."""
+    if torch.compiler.is_compiling():
+        namespace = _operator_namespace()
+        return getattr(torch.ops, namespace) if namespace else None
+    return _module()
+
+
+def _module():
     if "module" not in _KERNEL:
         _KERNEL["module"] = _build()
+        if _KERNEL["module"] is not None:
+            _register_shapes(_KERNEL["module"].__name__)
     return _KERNEL["module"]
+
+
+@torch.compiler.assume_constant_result
+def _operator_namespace() -> str:
+    """The kernel's operator namespace (its module's name, one per build), "" without a kernel: a constant
+    of the traced graph."""
+    module = _module()
+    return "" if module is None else module.__name__
+
+
+def _register_shapes(namespace: str) -> None:
+    """The kernel operators' output shapes, for tracing."""
+    def rows_by_weight_rows(weight, scale, rows, *settings):
+        return rows.new_empty(rows.shape[0], weight.shape[-2])
+
+    def rows_by_weight_columns(weight, scale, rows, *settings):
+        return rows.new_empty(rows.shape[0], weight.shape[-1])
+
+    shapes = {"fp8_grouped_gemv": rows_by_weight_rows, "fp8_grouped_gemv_transposed": rows_by_weight_columns,
+              "bf16_grouped_gemv": lambda weight, rows, ends: rows_by_weight_rows(weight, None, rows),
+              "bf16_grouped_gemv_transposed": lambda weight, rows, ends: rows_by_weight_columns(weight, None, rows),
+              "fp8_dequantize": lambda weight, scale, block_o, block_i, bf16: weight.new_empty(
+                  weight.shape, dtype=torch.bfloat16 if bf16 else torch.float32),
+              "routed_mixture": lambda hidden, *tensors_and_settings: torch.empty_like(hidden)}
+    for name, shape in shapes.items():
+        torch.library.register_fake(f"{namespace}::{name}", shape)
 
 
 def _build():
@@ -64,11 +102,12 @@ def _build():
 
 
 def serves(x: torch.Tensor, rows_per_weight: int) -> bool:
-    """Whether the kernel computes this product: CPU activations that need no gradient (the weights are
-    frozen; training goes through the dequantize path), at most ``MAX_ROWS`` rows against each weight."""
+    """Whether the kernel computes this product (eagerly or as an operator of a compiled graph): CPU activations
+    that need no gradient (the weights are frozen; training goes through the dequantize path), at most
+    ``MAX_ROWS`` rows against each weight."""
     if x.device.type != "cpu" or rows_per_weight > MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad):
         return False
-    return not torch.compiler.is_compiling() and kernel() is not None
+    return kernel() is not None
 
 
 def decode_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor | None,

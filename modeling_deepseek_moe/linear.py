@@ -26,11 +26,15 @@ def one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; one half-precision row on the CPU as :func:`matrix_vector` (compiled:
-    as an opaque operator running it, since Inductor would generate its own loop)."""
+    the kernel's operator, or an opaque operator running ``torch.mv``, since Inductor would generate its own
+    loop)."""
     if not one_row(x, weight):
         return F.linear(x, weight, bias)
-    product = torch.ops.deepseek_moe.matrix_vector if torch.compiler.is_compiling() else matrix_vector
-    output = product(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    output = bf16_grouped_product(weight, x.reshape(1, -1), None)
+    if output is None:
+        product = torch.ops.deepseek_moe.matrix_vector if torch.compiler.is_compiling() else matrix_vector
+        output = product(weight, x.reshape(-1))
+    output = output.view(*x.shape[:-1], weight.shape[0])
     return output if bias is None else output + bias
 
 

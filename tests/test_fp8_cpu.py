@@ -315,3 +315,20 @@ def test_bf16_router_logits_read_the_weight_in_place_in_float32(decode_kernel, m
     trained = linear.float32_linear(x.requires_grad_(), weight)
     assert len(calls) == 2 and trained.grad_fn is not None  # (the kernel declined: F.linear ran)
     assert relative_error(trained.detach(), logits) < 1e-6
+
+
+def test_compiled_fp8_decoding_calls_the_kernel_operators_directly(decode_kernel, tmp_path):
+    """Compiled, a decoding step's FP8 products and routed mixture are the kernel's own torch operators (no
+    Python custom operator in between, ~20 us each), with the eager step's logits."""
+    from torch._inductor.utils import run_and_get_code
+
+    write_fp8_official_checkpoint(tmp_path, "v3")
+    model = DeepseekMoEV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, fp8_compute="dequantize")
+    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(ids, use_cache=False).logits
+        compiled, code = run_and_get_code(torch.compile(lambda: model(ids, use_cache=False).logits, fullgraph=True))
+    namespace = fp8_cpu.kernel().__name__
+    assert f"torch.ops.{namespace}.routed_mixture" in code[0] and f"torch.ops.{namespace}.fp8_grouped_gemv" in code[0]
+    assert "deepseek_moe.fp8_grouped_rows" not in code[0]
+    assert relative_error(compiled, eager) < 1e-5

@@ -765,6 +765,27 @@ at::Tensor fp8_dequantize(const at::Tensor& weight, const at::Tensor& scale, int
   return out;
 }
 
+// The same functions as torch operators (namespace: the module's name, unique per build), which a compiled
+// graph calls without a Python step in between; their shapes for tracing are registered from Python.
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("fp8_grouped_gemv(Tensor weight, Tensor scale, Tensor rows, Tensor? ends, int part_rows, int block_o, int block_i) -> Tensor");
+  m.def("fp8_grouped_gemv_transposed(Tensor weight, Tensor scale, Tensor rows, Tensor? ends, int block_o, int block_i) -> Tensor");
+  m.def("bf16_grouped_gemv(Tensor weight, Tensor rows, Tensor? ends) -> Tensor");
+  m.def("bf16_grouped_gemv_transposed(Tensor weight, Tensor rows, Tensor? ends) -> Tensor");
+  m.def("fp8_dequantize(Tensor weight, Tensor scale, int block_o, int block_i, bool bf16) -> Tensor");
+  m.def("routed_mixture(Tensor hidden, Tensor topk_indices, Tensor topk_weights, Tensor gate_up, Tensor? gate_up_scale, "
+        "Tensor down, Tensor? down_scale, int block_o, int block_i) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("fp8_grouped_gemv", &fp8_grouped_gemv);
+  m.impl("fp8_grouped_gemv_transposed", &fp8_grouped_gemv_transposed);
+  m.impl("bf16_grouped_gemv", &bf16_grouped_gemv);
+  m.impl("bf16_grouped_gemv_transposed", &bf16_grouped_gemv_transposed);
+  m.impl("fp8_dequantize", &fp8_dequantize);
+  m.impl("routed_mixture", &routed_mixture);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_grouped_gemv", &fp8_grouped_gemv, "decode-sized products with block-wise FP8 weights");
   m.def("fp8_grouped_gemv_transposed", &fp8_grouped_gemv_transposed, "x @ W per group, block-wise FP8 W");
