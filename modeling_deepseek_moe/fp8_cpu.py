@@ -15,7 +15,7 @@ The same module serves a bf16 model's decoding (:func:`bf16_grouped_product`, th
 bf16 weights): a layer's routed experts in one call, each one-row projection as a group of one
 (:func:`.linear.matrix_vector`), and a bf16 ``kv_b_proj`` head by head (:func:`head_rows_product`). A decoding
 step's whole routed mixture, FP8 or bf16, is one call too (:func:`routed_mixture`). The module registers its
-functions as torch operators as well, which compiled graphs call (:func:`kernel`).
+decoding functions as torch operators as well, which compiled graphs call (:func:`kernel`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ _KERNEL: dict = {}
 
 def kernel():
     """The compiled kernel module, or None where it cannot be built (said once, in a warning). In a graph being
-    compiled, the same functions as torch operators (the kernel built while tracing): the graph calls them
+    compiled, its decoding functions as torch operators (the kernel built while tracing): the graph calls them
     without a Python step (a Python custom operator costs ~20 us per call, as much as a decoding product)."""
     if torch.compiler.is_compiling():
         namespace = _operator_namespace()
@@ -73,8 +73,6 @@ def _register_shapes(namespace: str) -> None:
     shapes = {"fp8_grouped_gemv": rows_by_weight_rows, "fp8_grouped_gemv_transposed": rows_by_weight_columns,
               "bf16_grouped_gemv": lambda weight, rows, ends: rows_by_weight_rows(weight, None, rows),
               "bf16_grouped_gemv_transposed": lambda weight, rows, ends: rows_by_weight_columns(weight, None, rows),
-              "fp8_dequantize": lambda weight, scale, block_o, block_i, bf16: weight.new_empty(
-                  weight.shape, dtype=torch.bfloat16 if bf16 else torch.float32),
               "routed_mixture": lambda hidden, *tensors_and_settings: torch.empty_like(hidden)}
     for name, shape in shapes.items():
         torch.library.register_fake(f"{namespace}::{name}", shape)

@@ -44,6 +44,15 @@ def matrix_vector(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     output = bf16_grouped_product(weight, row.view(1, -1), None)
     return torch.mv(weight, row) if output is None else output.view(-1)
 
+
+torch.library.custom_op("deepseek_moe::matrix_vector", matrix_vector, mutates_args=(), schema="(Tensor weight, Tensor row) -> Tensor")
+
+
+@torch.library.register_fake("deepseek_moe::matrix_vector")
+def _matrix_vector_shape(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    return row.new_empty(weight.shape[0])
+
+
 def float32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x.float(), weight.float())`` (the routers' float32 logits). A bf16 weight against a few rows
     is read in place by the decode kernel, whose products of bf16 and float32 are exact as well: the float32
@@ -54,14 +63,6 @@ def float32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if output is not None:
             return output.view(*x.shape[:-1], weight.shape[0])
     return F.linear(rows, weight.float())
-
-
-torch.library.custom_op("deepseek_moe::matrix_vector", matrix_vector, mutates_args=(), schema="(Tensor weight, Tensor row) -> Tensor")
-
-
-@torch.library.register_fake("deepseek_moe::matrix_vector")
-def _matrix_vector_shape(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    return row.new_empty(weight.shape[0])
 
 
 class Linear(nn.Linear):

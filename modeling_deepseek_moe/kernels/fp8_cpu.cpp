@@ -664,9 +664,10 @@ at::Tensor routed_mixture(const at::Tensor& hidden, const at::Tensor& topk_indic
   }
   for (int64_t e = 1; e < experts; ++e) end[e] += end[e - 1];
   at::Tensor order = at::empty({assignments}, indices.options());
+  int64_t* position = order.data_ptr<int64_t>();
   std::vector<int64_t> next(experts);
   for (int64_t e = 0; e < experts; ++e) next[e] = e == 0 ? 0 : end[e - 1];
-  for (int64_t a = 0; a < assignments; ++a) order.data_ptr<int64_t>()[next[expert_of[a]]++] = a;
+  for (int64_t a = 0; a < assignments; ++a) position[next[expert_of[a]]++] = a;
   const at::Tensor token = order.div(top_k, "floor");
   const at::Tensor rows = hidden.index_select(0, token);
   const at::Tensor gate_up_rows = gate_up_scale.has_value()
@@ -765,14 +766,13 @@ at::Tensor fp8_dequantize(const at::Tensor& weight, const at::Tensor& scale, int
   return out;
 }
 
-// The same functions as torch operators (namespace: the module's name, unique per build), which a compiled
-// graph calls without a Python step in between; their shapes for tracing are registered from Python.
+// The decoding functions as torch operators (namespace: the module's name, unique per build), which a
+// compiled graph calls without a Python step in between; their shapes for tracing are registered from Python.
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_grouped_gemv(Tensor weight, Tensor scale, Tensor rows, Tensor? ends, int part_rows, int block_o, int block_i) -> Tensor");
   m.def("fp8_grouped_gemv_transposed(Tensor weight, Tensor scale, Tensor rows, Tensor? ends, int block_o, int block_i) -> Tensor");
   m.def("bf16_grouped_gemv(Tensor weight, Tensor rows, Tensor? ends) -> Tensor");
   m.def("bf16_grouped_gemv_transposed(Tensor weight, Tensor rows, Tensor? ends) -> Tensor");
-  m.def("fp8_dequantize(Tensor weight, Tensor scale, int block_o, int block_i, bool bf16) -> Tensor");
   m.def("routed_mixture(Tensor hidden, Tensor topk_indices, Tensor topk_weights, Tensor gate_up, Tensor? gate_up_scale, "
         "Tensor down, Tensor? down_scale, int block_o, int block_i) -> Tensor");
 }
@@ -782,7 +782,6 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("fp8_grouped_gemv_transposed", &fp8_grouped_gemv_transposed);
   m.impl("bf16_grouped_gemv", &bf16_grouped_gemv);
   m.impl("bf16_grouped_gemv_transposed", &bf16_grouped_gemv_transposed);
-  m.impl("fp8_dequantize", &fp8_dequantize);
   m.impl("routed_mixture", &routed_mixture);
 }
 
