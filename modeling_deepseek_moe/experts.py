@@ -247,10 +247,12 @@ class RoutedExperts(nn.Module):
         on_cpu = all(next(chunk.parameters()).device.type == "cpu" for chunk in self.chunks)
         if on_cpu:
             (chunk, *others) = self.chunks
-            # a decoding step's mixture in one kernel call (eager or compiled), where it serves
-            mixed = None if others or type(chunk) is not ExpertChunk else chunk.decode_mixture(hidden_states, topk_indices, topk_weights)
+            # a decoding step's mixture in one kernel call (eager or compiled), where it serves; with the rest of
+            # the model on a GPU (experts offloaded to CPU memory) the step's few rows come over and back
+            mixed = None if others or type(chunk) is not ExpertChunk else chunk.decode_mixture(
+                hidden_states.cpu(), topk_indices.cpu(), topk_weights.cpu())
             if mixed is not None:
-                return mixed
+                return mixed.to(hidden_states.device)
             if not torch.compiler.is_compiling():
                 return sliced_mixture(self, hidden_states, topk_indices, topk_weights)
         return token_major_mixture(self, hidden_states, topk_indices, topk_weights)

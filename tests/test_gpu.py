@@ -1,5 +1,6 @@
 """CUDA checks (skipped without a GPU): grouped experts and whole models on the GPU against the CPU,
-a layer's expert chunks split between cuda:0 and the CPU against the all-GPU model, and Trainer with
+a layer's expert chunks split between cuda:0 and the CPU against the all-GPU model, decoding with FP8 experts
+offloaded to CPU memory against the all-GPU model, and Trainer with
 accelerate's FSDP2 plugin (which accelerate applies on accelerators only)."""
 
 from __future__ import annotations
@@ -63,6 +64,25 @@ def test_expert_chunks_split_between_cuda_and_cpu(official_checkpoint):
     loss = mixed(ids, labels=ids).loss
     loss.backward()
     assert mixed.model.layers[1].mlp.experts.chunks[1].gate_up_proj.grad.device.type == "cpu"
+
+
+def test_decoding_with_fp8_experts_offloaded_to_cpu_memory(tmp_path):
+    """The README's headline placement: routed experts in CPU memory (FP8), the rest on the GPU. Decoding steps
+    send their few rows to the CPU's one-call mixture and back: the all-GPU model's tokens and logits."""
+    from modeling_deepseek_moe.placement import expert_device_map
+
+    write_fp8_official_checkpoint(tmp_path / "fp8", "v3")
+    load = lambda **kw: DeepseekMoEV3ForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32, fp8_compute="dequantize", **kw)  # noqa: E731
+    gpu = load(device_map="cuda")
+    offloaded = load(device_map=expert_device_map(gpu.config, ["cuda:0"], offload_experts="cpu"))
+    assert offloaded.model.layers[1].mlp.experts.chunks[0].gate_up_proj.device.type == "cpu"
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0)).cuda()
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, output_scores=True,
+                  return_dict_in_generate=True)
+    expected, output = gpu.generate(ids, **kwargs), offloaded.generate(ids, **kwargs)
+    assert torch.equal(output.sequences, expected.sequences)
+    for a, b in zip(output.scores, expected.scores):
+        assert relative_error(a, b) < 1e-4
 
 
 def test_fp8_model_on_cuda_matches_cpu(tmp_path):
