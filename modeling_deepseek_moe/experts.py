@@ -98,14 +98,17 @@ class ExpertChunk(nn.Module):
     def decode_mixture(self, hidden_states: torch.Tensor, topk_indices: torch.Tensor,
                        topk_weights: torch.Tensor) -> torch.Tensor | None:
         """The routed mixture of a decode-sized batch (:func:`.grouped_mm.few_rows`) of all experts of this
-        chunk in one kernel call (:func:`.fp8_cpu.routed_mixture`), where it serves: FP8 or bf16 stacks,
-        SiLU, no emulated FP8 activations, no gradients. Else None (the dispatcher's path)."""
+        chunk in one kernel call (:func:`.fp8_cpu.routed_mixture`), where it serves: FP8 or bf16 stacks in CPU
+        memory, SiLU, no emulated FP8 activations, no gradients. Else None (the dispatcher's path). Inputs on
+        another device (the rest of the model on a GPU) come to the experts' and the result goes back."""
         if (self.bnb4bit is not None or (self.fp8 or {}).get("mode") == "scaled" or not few_rows(topk_indices.numel(), self.num_experts)
                 or not isinstance(self.act_fn, (nn.SiLU, SiLUActivation))):
             return None
+        device = self.gate_up_proj.device
         scales = [getattr(self, name + "_scale_inv", None) for name in self.PARTS]
-        return routed_mixture(hidden_states, topk_indices, topk_weights, self.gate_up_proj, scales[0], self.down_proj,
-                              scales[1], self.fp8["block"] if self.fp8 else None)
+        mixed = routed_mixture(hidden_states.to(device), topk_indices.to(device), topk_weights.to(device), self.gate_up_proj,
+                               scales[0], self.down_proj, scales[1], self.fp8["block"] if self.fp8 else None)
+        return None if mixed is None else mixed.to(hidden_states.device)
 
     def project(self, projection: str, rows: torch.Tensor, offsets: torch.Tensor, experts: slice = slice(None),
                 delta: Callable | None = None) -> torch.Tensor:
@@ -247,12 +250,10 @@ class RoutedExperts(nn.Module):
         on_cpu = all(next(chunk.parameters()).device.type == "cpu" for chunk in self.chunks)
         if on_cpu:
             (chunk, *others) = self.chunks
-            # a decoding step's mixture in one kernel call (eager or compiled), where it serves; with the rest of
-            # the model on a GPU (experts offloaded to CPU memory) the step's few rows come over and back
-            mixed = None if others or type(chunk) is not ExpertChunk else chunk.decode_mixture(
-                hidden_states.cpu(), topk_indices.cpu(), topk_weights.cpu())
+            # a decoding step's mixture in one kernel call (eager or compiled), where it serves
+            mixed = None if others or type(chunk) is not ExpertChunk else chunk.decode_mixture(hidden_states, topk_indices, topk_weights)
             if mixed is not None:
-                return mixed.to(hidden_states.device)
+                return mixed
             if not torch.compiler.is_compiling():
                 return sliced_mixture(self, hidden_states, topk_indices, topk_weights)
         return token_major_mixture(self, hidden_states, topk_indices, topk_weights)

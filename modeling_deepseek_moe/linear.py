@@ -31,8 +31,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not one_row(x, weight):
         return F.linear(x, weight, bias)
     output = bf16_grouped_product(weight, x.reshape(1, -1), None)
-    if output is None:
-        product = torch.ops.deepseek_moe.matrix_vector if torch.compiler.is_compiling() else matrix_vector
+    if output is None:  # no kernel (matrix_vector would only ask it again)
+        product = torch.ops.deepseek_moe.matrix_vector if torch.compiler.is_compiling() else torch.mv
         output = product(weight, x.reshape(-1))
     output = output.view(*x.shape[:-1], weight.shape[0])
     return output if bias is None else output + bias

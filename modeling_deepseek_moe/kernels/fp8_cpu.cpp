@@ -491,10 +491,6 @@ void zero_rows_past(at::Tensor& y, const std::vector<int64_t>& ends) {
   if (last < y.size(0)) y.narrow(0, last, y.size(0) - last).zero_();
 }
 
-}  // namespace
-
-namespace {
-
 // fp8_grouped_gemv with the groups' ends checked (group_ends)
 at::Tensor fp8_product(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& rows,
                        const std::vector<int64_t>& end, int64_t part_rows, int64_t block_o, int64_t block_i) {
@@ -590,8 +586,8 @@ at::Tensor fp8_product(const at::Tensor& weight, const at::Tensor& scale, const 
 
 at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& rows,
                             const std::optional<at::Tensor>& ends, int64_t part_rows, int64_t block_o, int64_t block_i) {
-  const int64_t groups = weight.dim() == 3 ? weight.size(0) : 1;
-  return fp8_product(weight, scale, rows, group_ends(ends, groups, rows.size(0)), part_rows, block_o, block_i);
+  return fp8_product(weight, scale, rows, group_ends(ends, stack_of(weight, "weight").groups, rows.size(0)), part_rows,
+                     block_o, block_i);
 }
 
 // bfloat16 weights [groups, out, in] (a bf16 model's routed experts; [out, in]: one projection) against
@@ -634,7 +630,7 @@ at::Tensor bf16_product(const at::Tensor& weight, const at::Tensor& rows, const 
 }  // namespace
 
 at::Tensor bf16_grouped_gemv(const at::Tensor& weight, const at::Tensor& rows, const std::optional<at::Tensor>& ends) {
-  return bf16_product(weight, rows, group_ends(ends, weight.dim() == 3 ? weight.size(0) : 1, rows.size(0)));
+  return bf16_product(weight, rows, group_ends(ends, stack_of(weight, "weight").groups, rows.size(0)));
 }
 
 // Decoding's routed mixture in one call: the steps of the Python dispatcher and ExpertChunk.forward for a few
