@@ -15,7 +15,9 @@ The same module serves a bf16 model's decoding (:func:`bf16_grouped_product`, th
 bf16 weights): a layer's routed experts in one call, each one-row projection as a group of one
 (:func:`.linear.matrix_vector`), and a bf16 ``kv_b_proj`` head by head (:func:`head_rows_product`). A decoding
 step's whole routed mixture, FP8 or bf16, is one call too (:func:`routed_mixture`). The module registers its
-decoding functions as torch operators as well, which compiled graphs call (:func:`kernel`).
+decoding functions as torch operators as well, which compiled graphs call (:func:`kernel`). The elementwise work
+around the products, RMSNorm (:func:`rms_norm`) and MLA's RoPE (:func:`rotary_interleaved`), is one call each too,
+outside compiled graphs (which fuse it themselves).
 """
 
 from __future__ import annotations
@@ -106,6 +108,38 @@ def serves(x: torch.Tensor, rows_per_weight: int) -> bool:
     if x.device.type != "cpu" or rows_per_weight > MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad):
         return False
     return kernel() is not None
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def serves_elementwise(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel's elementwise functions serve: eagerly (a compiled graph fuses such work itself), CPU
+    tensors of which none needs a gradient, float32 or bf16."""
+    if torch.compiler.is_compiling() or _module() is None:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t.device.type == "cpu" and t.dtype in FLOAT_DTYPES and not (grad and t.requires_grad) for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """transformers' Llama RMSNorm (DeepSeek's) of bf16 ``x`` ``[..., d]`` with ``weight`` ``[d]`` in one pass: the
+    same numbers but where a float32 rounding of the mean of squares (summed in another order) moves a result
+    across a bf16 rounding boundary. None where the kernel does not serve, and for float32 ``x``, whose results
+    would show that rounding (a float32 model's numbers stay torch's)."""
+    if x.dtype != torch.bfloat16 or not serves_elementwise(x, weight):
+        return None
+    return _module().rms_norm(x, weight, eps)
+
+
+def rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """:func:`.rope.apply_rotary_interleaved` in one call, bit for bit: ``x`` ``[batch, heads, seq, d]`` with
+    ``cos``/``sin`` ``[batch or 1, seq, d]`` of its dtype. None where the kernel does not serve."""
+    if (x.dim() != 4 or x.stride(-1) != 1 or cos.dim() != 3 or cos.shape[0] not in (1, x.shape[0])
+            or cos.shape[1:] != x.shape[2:] or cos.dtype != x.dtype or sin.dtype != x.dtype
+            or not serves_elementwise(x, cos, sin)):
+        return None
+    return _module().rotary_interleaved(x, cos, sin)
 
 
 def decode_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor | None,

@@ -13,6 +13,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .configuration import DeepseekMoEConfig
+from .fp8_cpu import rotary_interleaved
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
@@ -50,8 +51,12 @@ def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     """RoPE on dims stored in interleaved pairs ``(x0, x1), (x2, x3), ...``, as MLA checkpoints store them.
 
     Equal to DeepSeek's de-interleave (``view(d/2, 2).transpose``) followed by Llama's ``rotate_half`` RoPE;
-    the output is in that de-interleaved layout ``[evens rotated, odds rotated]``.
+    the output is in that de-interleaved layout ``[evens rotated, odds rotated]``. On the CPU without gradients,
+    one kernel call (:func:`.fp8_cpu.rotary_interleaved`, the same numbers).
     """
+    fused = rotary_interleaved(x, cos, sin)
+    if fused is not None:
+        return fused
     half = cos.shape[-1] // 2
     cos, sin = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)
     even, odd = x[..., 0::2], x[..., 1::2]

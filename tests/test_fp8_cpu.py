@@ -8,9 +8,12 @@ import shutil
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, attention, fp8, fp8_cpu, grouped_mm
 from modeling_deepseek_moe.fp8 import dequantize_fp8_blockwise, dequantize_stacked, quantize_fp8_blockwise, quantize_stacked
+from modeling_deepseek_moe.norm import RMSNorm
+from modeling_deepseek_moe.rope import apply_rotary_interleaved
 from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
 
 from conftest import relative_error
@@ -332,3 +335,60 @@ def test_compiled_fp8_decoding_calls_the_kernel_operators_directly(decode_kernel
     assert f"torch.ops.{namespace}.routed_mixture" in code[0] and f"torch.ops.{namespace}.fp8_grouped_gemv" in code[0]
     assert "deepseek_moe.fp8_grouped_rows" not in code[0]
     assert relative_error(compiled, eager) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, heads, seq, dim, table_batch", [(1, 16, 1, 32, 1), (2, 4, 7, 64, 2), (3, 1, 5, 64, 1)])
+def test_rotary_kernel_is_bit_identical_to_the_torch_operations(decode_kernel, monkeypatch, dtype, batch, heads, seq, dim,
+                                                                table_batch):
+    generator = torch.Generator().manual_seed(dim + seq)
+    # the rope dims of MLA's queries: a strided view behind the nope dims
+    x = torch.randn(batch, heads, seq, 96 + dim, generator=generator).to(dtype).split([96, dim], dim=-1)[1]
+    cos, sin = (torch.randn(table_batch, seq, dim, generator=generator).to(dtype) for _ in range(2))
+    with torch.no_grad():
+        output = apply_rotary_interleaved(x, cos, sin)
+        monkeypatch.setattr(fp8_cpu, "serves_elementwise", lambda *tensors: False)
+        expected = apply_rotary_interleaved(x, cos, sin)
+    assert output.dtype == dtype and output.is_contiguous()
+    assert torch.equal(output, expected)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (3, 5, 2048), (2, 7, 36)])  # 36: dims past whole vectors
+def test_rms_norm_kernel_equals_llamas_within_a_rounding_of_the_mean(decode_kernel, weight_dtype, shape):
+    generator = torch.Generator().manual_seed(shape[-1])
+    norm = RMSNorm(shape[-1], eps=1e-6).to(weight_dtype)
+    norm.weight.data.normal_(generator=generator)
+    x = (torch.randn(shape, generator=generator) * 3).to(torch.bfloat16)
+    with torch.no_grad():
+        output = norm(x)
+        expected = LlamaRMSNorm.forward(norm, x)
+    assert output.dtype == expected.dtype == torch.promote_types(torch.bfloat16, weight_dtype)
+    differing = output != expected  # only where the mean's float32 rounding moved a result across a bf16 rounding
+    assert differing.float().mean() < 0.01
+    assert torch.allclose(output[differing].float(), expected[differing].float(), rtol=2**-7, atol=0)
+
+
+def test_elementwise_kernels_serve_bf16_without_gradients_only(decode_kernel, monkeypatch):
+    module, calls = fp8_cpu._module(), []
+
+    class Spy:  # the kernel module, counting its elementwise calls
+        def rms_norm(self, *args):
+            calls.append("norm")
+            return module.rms_norm(*args)
+
+        def rotary_interleaved(self, *args):
+            calls.append("rope")
+            return module.rotary_interleaved(*args)
+
+    monkeypatch.setitem(fp8_cpu._KERNEL, "module", Spy())
+    norm = RMSNorm(64).to(torch.bfloat16)
+    x, table = torch.randn(1, 2, 3, 64, dtype=torch.bfloat16, requires_grad=True), torch.randn(1, 3, 64, dtype=torch.bfloat16)
+    norm(x).sum().backward()  # training: torch's operations, with gradients
+    apply_rotary_interleaved(x, table, table).sum().backward()
+    assert calls == [] and x.grad is not None
+    with torch.no_grad():
+        norm(x.float())  # a float32 model keeps torch's numbers
+        norm(x)
+        apply_rotary_interleaved(x, table, table)
+    assert calls == ["norm", "rope"]

@@ -53,6 +53,8 @@ inline __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
 inline float sum(__m512 v) { return _mm512_reduce_add_ps(v); }
 inline __m512 fma_scalar(__m512 a, float b, __m512 c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(b), c); }
 inline __m512 scale(__m512 a, float factor) { return _mm512_mul_ps(a, _mm512_set1_ps(factor)); }
+inline __m512 mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+inline __m512 fma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
 inline void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 // float32 -> bfloat16 rounded to nearest even, as torch rounds (no NaN in a dequantized weight)
 inline void store(uint16_t* p, __m512 v) {
@@ -91,6 +93,8 @@ inline float sum(__m256 v) {
 }
 inline __m256 fma_scalar(__m256 a, float b, __m256 c) { return _mm256_fmadd_ps(a, _mm256_set1_ps(b), c); }
 inline __m256 scale(__m256 a, float factor) { return _mm256_mul_ps(a, _mm256_set1_ps(factor)); }
+inline __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+inline __m256 fma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
 inline void store(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline void store(uint16_t* p, __m256 v) {  // float32 -> bfloat16, nearest even
   __m256i bits = _mm256_castps_si256(v);
@@ -111,6 +115,7 @@ inline void load_pair(const W* p, Vec& low, Vec& high) {
   high = load16(p + kLanes);
 }
 
+inline float to_float(float value) { return value; }
 inline float to_float(uint8_t bits) { return fp8_times_2_pow_minus_8(bits); }
 inline float to_float(uint16_t bits) {  // bfloat16
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -762,6 +767,128 @@ at::Tensor fp8_dequantize(const at::Tensor& weight, const at::Tensor& scale, int
   return out;
 }
 
+// The elementwise work around a decoded token's products, one call each instead of ~10 aten calls (each a few
+// microseconds, as long as a decoding product): RMSNorm and MLA's interleaved RoPE. Data of float32 or
+// bfloat16 tensors, read as float* or uint16_t* (bfloat16 bits).
+template <typename Body>
+void with_input(const at::Tensor& t, Body body) {
+  if (t.scalar_type() == at::kFloat) {
+    body(t.data_ptr<float>());
+  } else {
+    body(reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()));
+  }
+}
+
+// v as the dtype T stores it (float32: itself; bfloat16: rounded to nearest even), as float32.
+template <typename T>
+inline float in_dtype(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    uint16_t bits;
+    store_scalar(&bits, v);
+    return to_float(bits);
+  }
+}
+template <typename T>
+inline Vec in_dtype(Vec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    uint16_t bits[kLanes];
+    store(bits, v);
+    return load16(bits);
+  }
+}
+
+// transformers' Llama RMSNorm (DeepSeek's): x in float32 times 1 / sqrt(mean(x^2) + eps), rounded to x's
+// dtype, times the weight in the dtype torch promotes the two to. The mean's sum runs in another order than
+// torch's (within a float32 rounding of it).
+template <typename X, typename Wt, typename Out>
+void rms_norm_rows(const X* x, const Wt* w, Out* y, int64_t first, int64_t last, int64_t d, float eps) {
+  for (int64_t r = first; r < last; ++r) {
+    const X* xr = x + r * d;
+    Out* yr = y + r * d;
+    Vec squares = zero();
+    int64_t i = 0;
+    for (; i + kLanes <= d; i += kLanes) {
+      const Vec v = load16(xr + i);
+      squares = fma(v, v, squares);
+    }
+    float total = sum(squares);
+    for (; i < d; ++i) total += to_float(xr[i]) * to_float(xr[i]);
+    const float inverse = 1.0f / std::sqrt(total / static_cast<float>(d) + eps);
+    for (i = 0; i + kLanes <= d; i += kLanes) store(yr + i, mul(in_dtype<X>(scale(load16(xr + i), inverse)), load16(w + i)));
+    for (; i < d; ++i) store_scalar(yr + i, in_dtype<X>(to_float(xr[i]) * inverse) * to_float(w[i]));
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const auto floating = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; };
+  TORCH_CHECK(weight.dim() == 1 && x.dim() >= 1 && x.size(-1) == weight.size(0) && floating(x) && floating(weight),
+              "x [..., d] and weight [d], float32 or bfloat16");
+  const at::Tensor input = x.contiguous(), w = weight.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::promote_types(x.scalar_type(), weight.scalar_type())));
+  const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d;
+  with_input(input, [&](const auto* xp) {
+    with_input(w, [&](const auto* wp) {
+      with_output(y, [&](auto* yp) {
+        at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t first, int64_t last) {
+          rms_norm_rows(xp, wp, yp, first, last, d, static_cast<float>(eps));
+        });
+      });
+    });
+  });
+  return y;
+}
+
+// rope.py's apply_rotary_interleaved with its operations in its order, each result rounded to x's dtype as
+// torch rounds it (no fused multiply-add, which would round once for two): x [batch, heads, seq, d] (dims
+// contiguous), cos and sin [batch or 1, seq, d] (cat(freqs, freqs)) of x's dtype -> [batch, heads, seq, d]
+// contiguous: [evens * cos - odds * sin, odds * cos + evens * sin].
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <typename T>
+void rotary_rows(const T* x, const T* cos, const T* sin, T* y, const int64_t* x_strides, int64_t heads, int64_t seq,
+                 int64_t d, int64_t cos_batch, int64_t first, int64_t last) {
+  const int64_t half = d / 2;
+  for (int64_t row = first; row < last; ++row) {
+    const int64_t b = row / (heads * seq), h = row / seq % heads, s = row % seq;
+    const T* xr = x + b * x_strides[0] + h * x_strides[1] + s * x_strides[2];
+    const int64_t table = ((cos_batch == 1 ? 0 : b) * seq + s) * d;
+    T* yr = y + row * d;
+    for (int64_t j = 0; j < half; ++j) {
+      const float even = to_float(xr[2 * j]), odd = to_float(xr[2 * j + 1]);
+      const float c = to_float(cos[table + j]), n = to_float(sin[table + j]);
+      const float even_cos = in_dtype<T>(even * c), odd_sin = in_dtype<T>(odd * n);
+      const float odd_cos = in_dtype<T>(odd * c), even_sin = in_dtype<T>(even * n);
+      store_scalar(yr + j, even_cos - odd_sin);
+      store_scalar(yr + half + j, odd_cos + even_sin);
+    }
+  }
+}
+#pragma GCC pop_options
+
+at::Tensor rotary_interleaved(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0, "x: [batch, heads, seq, d], dims contiguous, d even");
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && (cos.size(0) == 1 || cos.size(0) == x.size(0)) &&
+              cos.size(1) == x.size(2) && cos.size(2) == x.size(3), "cos and sin: [batch or 1, seq, d]");
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && cos.scalar_type() == x.scalar_type() &&
+              sin.scalar_type() == x.scalar_type(), "x, cos and sin: one dtype, float32 or bfloat16");
+  const at::Tensor c = cos.contiguous(), n = sin.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const int64_t heads = x.size(1), seq = x.size(2), d = x.size(3), rows = x.size(0) * heads * seq;
+  const int64_t strides[3] = {x.stride(0), x.stride(1), x.stride(2)};
+  with_output(y, [&](auto* yp) {
+    using T = std::remove_pointer_t<decltype(yp)>;
+    const auto data = [](const at::Tensor& t) { return static_cast<const T*>(t.data_ptr()); };
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / d), [&](int64_t first, int64_t last) {
+      rotary_rows(data(x), data(c), data(n), yp, strides, heads, seq, d, c.size(0), first, last);
+    });
+  });
+  return y;
+}
+
 // The decoding functions as torch operators (namespace: the module's name, unique per build), which a
 // compiled graph calls without a Python step in between; their shapes for tracing are registered from Python.
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
@@ -788,4 +915,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_grouped_gemv_transposed", &bf16_grouped_gemv_transposed, "x @ W per group, bfloat16 W");
   m.def("fp8_dequantize", &fp8_dequantize, "block-wise FP8 weights to float32 or bfloat16");
   m.def("routed_mixture", &routed_mixture, "decoding's routed mixture of experts in one call");
+  m.def("rms_norm", &rms_norm, "RMSNorm in one pass (Llama's and DeepSeek's numbers)");
+  m.def("rotary_interleaved", &rotary_interleaved, "RoPE on interleaved pairs (rope.py's numbers)");
 }
