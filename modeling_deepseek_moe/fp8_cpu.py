@@ -16,8 +16,8 @@ bf16 weights): a layer's routed experts in one call, each one-row projection as 
 (:func:`.linear.matrix_vector`), and a bf16 ``kv_b_proj`` head by head (:func:`head_rows_product`). A decoding
 step's whole routed mixture, FP8 or bf16, is one call too (:func:`routed_mixture`). The module registers its
 decoding functions as torch operators as well, which compiled graphs call (:func:`kernel`). The elementwise work
-around the products, RMSNorm (:func:`rms_norm`) and MLA's RoPE (:func:`rotary_interleaved`), is one call each too,
-outside compiled graphs (which fuse it themselves).
+around the products, RMSNorm (:func:`rms_norm`), MLA's RoPE (:func:`rotary_interleaved`) and a router's decision
+(:func:`route`), is one call each too, outside compiled graphs (which fuse it themselves).
 """
 
 from __future__ import annotations
@@ -113,9 +113,9 @@ def serves(x: torch.Tensor, rows_per_weight: int) -> bool:
 FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def serves_elementwise(*tensors: torch.Tensor) -> bool:
-    """Whether the kernel's elementwise functions serve: eagerly (a compiled graph fuses such work itself), CPU
-    tensors of which none needs a gradient, float32 or bf16."""
+def serves_eagerly(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel's eager functions (norm, RoPE, routing) serve: outside compiled graphs (which fuse such
+    work themselves), CPU tensors of which none needs a gradient, float32 or bf16."""
     if torch.compiler.is_compiling() or _module() is None:
         return False
     grad = torch.is_grad_enabled()
@@ -127,7 +127,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     same numbers but where a float32 rounding of the mean of squares (summed in another order) moves a result
     across a bf16 rounding boundary. None where the kernel does not serve, and for float32 ``x``, whose results
     would show that rounding (a float32 model's numbers stay torch's)."""
-    if x.dtype != torch.bfloat16 or not serves_elementwise(x, weight):
+    if x.dtype != torch.bfloat16 or not serves_eagerly(x, weight):
         return None
     return _module().rms_norm(x, weight, eps)
 
@@ -137,9 +137,25 @@ def rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     ``cos``/``sin`` ``[batch or 1, seq, d]`` of its dtype. None where the kernel does not serve."""
     if (x.dim() != 4 or x.stride(-1) != 1 or cos.dim() != 3 or cos.shape[0] not in (1, x.shape[0])
             or cos.shape[1:] != x.shape[2:] or cos.dtype != x.dtype or sin.dtype != x.dtype
-            or not serves_elementwise(x, cos, sin)):
+            or not serves_eagerly(x, cos, sin)):
         return None
     return _module().rotary_interleaved(x, cos, sin)
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, sigmoid: bool, group_score: str | None, groups: int,
+          kept_groups: int, top_k: int, normalise: bool, epsilon: float, scaling: float
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A router's scores, chosen experts and weights from its float32 ``logits`` ``[tokens, experts]`` in one call,
+    the numbers of :meth:`.routing.TopKRouter.forward`: ``sigmoid`` (else softmax) scores, ``bias`` added for the
+    choice, ``group_score`` "max" or "top2_sum" to keep ``kept_groups`` of ``groups`` (None: no groups, and those two
+    unused), weights
+    normalised (``normalise``, ``epsilon``) and times ``scaling``. None where the kernel does not serve."""
+    if logits.dtype != torch.float32 or not logits.is_contiguous() or not serves_eagerly(logits, *([] if bias is None else [bias])):
+        return None
+    if group_score is None:
+        return _module().route(logits, bias, sigmoid, 0, 1, 1, top_k, normalise, epsilon, scaling)
+    return _module().route(logits, bias, sigmoid, {"max": 1, "top2_sum": 2}[group_score], groups, kept_groups, top_k,
+                           normalise, epsilon, scaling)
 
 
 def decode_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor | None,

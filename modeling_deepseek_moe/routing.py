@@ -16,7 +16,10 @@ from torch import nn
 
 from .configuration import DeepseekMoEConfig
 from .fixed_dtypes import keep_dtypes_apply
+from .fp8_cpu import route
 from .linear import float32_linear
+
+NORMALISATION_EPSILON = 1e-20  # added to the sum of a token's top-k weights before dividing by it
 
 
 def tokens_per_expert(topk_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -38,6 +41,8 @@ class TopKRouter(nn.Module):
 
     # Router statistics (float32 buffers, not saved), see training.py.
     LOAD_COUNTERS = ("last_forward_load", "step_load", "last_step_load")
+    # How a group of experts is scored for the group-limited methods (mask_dropped_groups).
+    GROUP_SCORES = {"group_limited_greedy": "max", "noaux_tc": "top2_sum"}
 
     def __init__(self, config: DeepseekMoEConfig) -> None:
         super().__init__()
@@ -75,6 +80,13 @@ class TopKRouter(nn.Module):
             logits = float32_linear(hidden_states, self.weight)
         else:
             logits = F.linear(hidden_states, self.weight)
+        normalised = self.top_k > 1 and self.norm_topk_prob
+        decided = route(logits, self.e_score_correction_bias, self.scoring_func == "sigmoid",
+                        None if self.topk_method == "greedy" else self.GROUP_SCORES[self.topk_method], self.n_group,
+                        self.topk_group, self.top_k, normalised, NORMALISATION_EPSILON,
+                        self.routed_scaling_factor if self.scales_weights(normalised) else 1.0)
+        if decided is not None:  # the CPU kernel, one call (a decoded token's router took ~20 aten calls)
+            return RouterOutput(logits, *decided)
         if self.scoring_func == "softmax":
             scores = logits.softmax(dim=-1, dtype=logits.dtype)
         else:
@@ -89,9 +101,8 @@ class TopKRouter(nn.Module):
         topk_indices = choice_scores.topk(self.top_k, dim=-1, sorted=False).indices  # [tokens, top_k]
         topk_weights = scores.gather(1, topk_indices)
 
-        normalised = self.top_k > 1 and self.norm_topk_prob
         if normalised:
-            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + NORMALISATION_EPSILON)
         if self.scales_weights(normalised):
             topk_weights = topk_weights * self.routed_scaling_factor
         return RouterOutput(logits, scores, topk_indices, topk_weights)
@@ -107,7 +118,7 @@ class TopKRouter(nn.Module):
         negative biases a 0 fill would still pick experts of dropped groups)."""
         tokens = choice_scores.shape[0]
         grouped = choice_scores.view(tokens, self.n_group, -1)  # [tokens, groups, experts_per_group]
-        if self.topk_method == "noaux_tc":
+        if self.GROUP_SCORES[self.topk_method] == "top2_sum":
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
         else:
             group_scores = grouped.max(dim=-1).values

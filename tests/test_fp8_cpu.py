@@ -10,10 +10,12 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from modeling_deepseek_moe import DeepseekMoEV3ForCausalLM, attention, fp8, fp8_cpu, grouped_mm
+from modeling_deepseek_moe import (DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config, DeepseekMoEV3ForCausalLM, attention,
+                                   fp8, fp8_cpu, grouped_mm)
 from modeling_deepseek_moe.fp8 import dequantize_fp8_blockwise, dequantize_stacked, quantize_fp8_blockwise, quantize_stacked
 from modeling_deepseek_moe.norm import RMSNorm
 from modeling_deepseek_moe.rope import apply_rotary_interleaved
+from modeling_deepseek_moe.routing import RouterOutput, TopKRouter
 from modeling_deepseek_moe.synthetic import write_fp8_official_checkpoint
 
 from conftest import relative_error
@@ -347,7 +349,7 @@ def test_rotary_kernel_is_bit_identical_to_the_torch_operations(decode_kernel, m
     cos, sin = (torch.randn(table_batch, seq, dim, generator=generator).to(dtype) for _ in range(2))
     with torch.no_grad():
         output = apply_rotary_interleaved(x, cos, sin)
-        monkeypatch.setattr(fp8_cpu, "serves_elementwise", lambda *tensors: False)
+        monkeypatch.setattr(fp8_cpu, "serves_eagerly", lambda *tensors: False)
         expected = apply_rotary_interleaved(x, cos, sin)
     assert output.dtype == dtype and output.is_contiguous()
     assert torch.equal(output, expected)
@@ -369,26 +371,68 @@ def test_rms_norm_kernel_equals_llamas_within_a_rounding_of_the_mean(decode_kern
     assert torch.allclose(output[differing].float(), expected[differing].float(), rtol=2**-7, atol=0)
 
 
-def test_elementwise_kernels_serve_bf16_without_gradients_only(decode_kernel, monkeypatch):
+@pytest.fixture
+def kernel_calls(decode_kernel, monkeypatch):
+    """The names of the kernel module's functions called from now on."""
     module, calls = fp8_cpu._module(), []
 
-    class Spy:  # the kernel module, counting its elementwise calls
-        def rms_norm(self, *args):
-            calls.append("norm")
-            return module.rms_norm(*args)
-
-        def rotary_interleaved(self, *args):
-            calls.append("rope")
-            return module.rotary_interleaved(*args)
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(module, name)
 
     monkeypatch.setitem(fp8_cpu._KERNEL, "module", Spy())
-    norm = RMSNorm(64).to(torch.bfloat16)
+    return calls
+
+
+def test_eager_kernels_serve_without_gradients_only(kernel_calls):
+    norm, router = RMSNorm(64).to(torch.bfloat16), TopKRouter(ROUTERS["v3 noaux_tc"])
     x, table = torch.randn(1, 2, 3, 64, dtype=torch.bfloat16, requires_grad=True), torch.randn(1, 3, 64, dtype=torch.bfloat16)
+    tokens = torch.randn(3, 64)
     norm(x).sum().backward()  # training: torch's operations, with gradients
     apply_rotary_interleaved(x, table, table).sum().backward()
-    assert calls == [] and x.grad is not None
+    router(tokens).topk_weights.sum().backward()
+    assert kernel_calls == [] and x.grad is not None and router.weight.grad is not None
     with torch.no_grad():
         norm(x.float())  # a float32 model keeps torch's numbers
         norm(x)
         apply_rotary_interleaved(x, table, table)
-    assert calls == ["norm", "rope"]
+        router(tokens)
+    assert kernel_calls == ["rms_norm", "rotary_interleaved", "route"]
+
+
+ROUTERS = {
+    "v3 noaux_tc": DeepseekMoEV3Config(hidden_size=64, n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4),
+    "v3 256 experts": DeepseekMoEV3Config(hidden_size=64, n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4),
+    "v2 group_limited_greedy": DeepseekMoEV2Config(hidden_size=64, n_routed_experts=64, num_experts_per_tok=6,
+                                                   topk_method="group_limited_greedy", n_group=8, topk_group=3),
+    "v2 greedy, scaled": DeepseekMoEV2Config(hidden_size=64, n_routed_experts=64, num_experts_per_tok=6, norm_topk_prob=False,
+                                             routed_scaling_factor=16.0),
+    "v2 greedy, normalised": DeepseekMoEV2Config(hidden_size=64, n_routed_experts=64, num_experts_per_tok=6, norm_topk_prob=True),
+    "v1 (float32 logits in a float32 model)": DeepseekMoEV1Config(hidden_size=64, n_routed_experts=16, num_experts_per_tok=2),
+}
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+@pytest.mark.parametrize("tokens", [1, 4, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weights", ["random", "zero (every score tied)"])
+def test_router_kernel_decides_bit_for_bit_as_the_torch_operations(kernel_calls, monkeypatch, name, tokens, dtype, weights):
+    router = TopKRouter(ROUTERS[name])
+    generator = torch.Generator().manual_seed(tokens)
+    if weights == "random":
+        router.weight.data.normal_(0, 0.5, generator=generator)
+        if router.e_score_correction_bias is not None:
+            router.e_score_correction_bias.normal_(0, 0.1, generator=generator)
+    else:
+        router.weight.data.zero_()
+    router.to(dtype)
+    x = torch.randn(tokens, 64, generator=generator).to(dtype)
+    with torch.no_grad():
+        decided = router(x)
+        monkeypatch.setattr(fp8_cpu, "serves_eagerly", lambda *tensors: False)
+        expected = router(x)
+    v1_in_bf16 = dtype == torch.bfloat16 and name.startswith("v1")  # its logits stay bf16: torch's operations
+    assert ("route" in kernel_calls) != v1_in_bf16
+    for field in RouterOutput._fields:
+        assert torch.equal(getattr(decided, field), getattr(expected, field)), field

@@ -889,6 +889,76 @@ at::Tensor rotary_interleaved(const at::Tensor& x, const at::Tensor& cos, const 
   return y;
 }
 
+// A router's decision from its float32 logits [n, experts] (routing.py's TopKRouter.forward, whose numbers it
+// keeps): the scores, the choices and the weights' sums by the same aten kernels, the rest (bias, the groups'
+// scores and mask, the gather, normalisation and scaling) by loops of single float operations, exact in any
+// order. group_score: 0 no groups, 1 a group's best score, 2 the sum of its two best. Returns the scores, the
+// chosen experts [n, top_k] (int64) and their weights (float32).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& logits, const std::optional<at::Tensor>& bias,
+                                                     bool sigmoid, int64_t group_score, int64_t groups, int64_t kept_groups,
+                                                     int64_t top_k, bool normalise, double epsilon, double scaling) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(), "logits: float32 [n, experts]");
+  const int64_t n = logits.size(0), experts = logits.size(1);
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == experts), "bias: float32 [experts]");
+  TORCH_CHECK(group_score == 0 || (groups > 0 && experts % groups == 0 && kept_groups <= groups), "groups");
+  const at::Tensor scores = sigmoid ? at::sigmoid(logits) : at::softmax(logits, -1);
+  at::Tensor choice = scores;
+  if (bias.has_value() || group_score != 0) {
+    choice = at::empty_like(scores);
+    const float* sp = scores.data_ptr<float>();
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
+    float* cp = choice.data_ptr<float>();
+    for (int64_t i = 0; i < n * experts; ++i) cp[i] = bp == nullptr ? sp[i] : sp[i] + bp[i % experts];
+    if (group_score != 0) {
+      const int64_t per_group = experts / groups;
+      at::Tensor group_scores = at::empty({n, groups}, scores.options());
+      float* gp = group_scores.data_ptr<float>();
+      for (int64_t g = 0; g < n * groups; ++g) {
+        const float* member = cp + g * per_group;
+        float best = -INFINITY, second = -INFINITY;
+        for (int64_t e = 0; e < per_group; ++e) {
+          if (member[e] > best) {
+            second = best;
+            best = member[e];
+          } else if (member[e] > second) {
+            second = member[e];
+          }
+        }
+        gp[g] = group_score == 1 ? best : best + second;
+      }
+      const at::Tensor kept = std::get<1>(at::topk(group_scores, kept_groups, -1, true, false));
+      const int64_t* kp = kept.data_ptr<int64_t>();
+      std::vector<char> keep(groups);
+      for (int64_t t = 0; t < n; ++t) {
+        std::fill(keep.begin(), keep.end(), 0);
+        for (int64_t j = 0; j < kept_groups; ++j) keep[kp[t * kept_groups + j]] = 1;
+        for (int64_t e = 0; e < experts; ++e)
+          if (!keep[e / per_group]) cp[t * experts + e] = -INFINITY;
+      }
+    }
+  }
+  const at::Tensor indices = std::get<1>(at::topk(choice, top_k, -1, true, false));
+  at::Tensor weights = at::empty({n, top_k}, scores.options());
+  const int64_t* ip = indices.data_ptr<int64_t>();
+  const float* sp = scores.data_ptr<float>();
+  float* wp = weights.data_ptr<float>();
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t j = 0; j < top_k; ++j) wp[t * top_k + j] = sp[t * experts + ip[t * top_k + j]];
+  if (normalise) {
+    const at::Tensor sums = at::sum(weights, -1);
+    const float* total = sums.data_ptr<float>();
+    for (int64_t t = 0; t < n; ++t) {
+      const float denominator = total[t] + static_cast<float>(epsilon);
+      for (int64_t j = 0; j < top_k; ++j) wp[t * top_k + j] = wp[t * top_k + j] / denominator;
+    }
+  }
+  if (scaling != 1.0) {
+    for (int64_t i = 0; i < n * top_k; ++i) wp[i] = wp[i] * static_cast<float>(scaling);
+  }
+  return {scores, indices, weights};
+}
+
 // The decoding functions as torch operators (namespace: the module's name, unique per build), which a
 // compiled graph calls without a Python step in between; their shapes for tracing are registered from Python.
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
@@ -917,4 +987,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("routed_mixture", &routed_mixture, "decoding's routed mixture of experts in one call");
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass (Llama's and DeepSeek's numbers)");
   m.def("rotary_interleaved", &rotary_interleaved, "RoPE on interleaved pairs (rope.py's numbers)");
+  m.def("route", &route, "a router's decision from its float32 logits (routing.py's numbers)");
 }
