@@ -17,7 +17,7 @@ Only bitsandbytes quantizes and dequantizes (``quantize_4bit``, ``dequantize_blo
 ``dequantize_4bit``); the grouped product dequantizes the experts with rows a budget at a time
 (:func:`.frozen.frozen_grouped_linear`), and on the CPU with gradients the ``Linear4bit`` layers' products
 dequantize by row tiles the same way (:class:`TiledLinear4bit`). Tiles are dequantized into one reused
-buffer per thread (:func:`scratch`). bitsandbytes is imported only when 4-bit weights are used
+buffer per thread (:func:`.frozen.scratch`). bitsandbytes is imported only when 4-bit weights are used
 (:func:`bitsandbytes`), so that the remote code of a saved checkpoint does not require it.
 """
 
@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
 
 import torch
 
-from .frozen import DEQUANTIZE_BUDGET_BYTES, frozen_grouped_linear, frozen_product, select_experts, tiled_linear
+from .frozen import DEQUANTIZE_BUDGET_BYTES, frozen_grouped_linear, frozen_product, scratch, select_experts, tiled_linear
 
 # bitsandbytes' block sizes: Linear4bit's default for the 4-bit codes, quantize_4bit's for the absmax
 # codes of double quantization.
@@ -116,21 +115,6 @@ def dequantized_absmax(stack: dict[str, torch.Tensor], experts: list[int], setti
     return absmax.reshape(len(experts), -1)
 
 
-_SCRATCH = threading.local()
-
-
-def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``numel`` values of one buffer per thread, dtype and device, reused by every tile a product
-    dequantizes (each consumed before the next is made). A fresh buffer per tile (2 GB through the
-    allocator per QLoRA step of bench_qlora.py's model) left glibc's heap fragmented between the
-    activations: the step's peak RSS was 105 MB higher."""
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    buffer = buffers.get((dtype, device))
-    if buffer is None or buffer.numel() < numel:
-        buffer = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer[:numel]
-
-
 @functools.cache
 def _native_cpu_dequantize(quant_type: str, dtype: torch.dtype):
     """The native CPU function behind bitsandbytes' ``dequantize_4bit`` for this type, which writes into a
@@ -176,7 +160,7 @@ def row_tiles(packed: torch.Tensor, scales: torch.Tensor, weight_shape: tuple[in
               blocksize: int, dtype: torch.dtype, height: int):
     """``(top, bottom, rows top:bottom of the weight as dtype)`` of a 4-bit weight ``weight_shape``
     (``packed`` codes and float32 block ``scales``, flat, row-major), ``height`` rows at a time into the
-    thread's :func:`scratch` (``cols`` a multiple of ``blocksize``)."""
+    thread's :func:`.frozen.scratch` (``cols`` a multiple of ``blocksize``)."""
     rows, cols = weight_shape
     for top in range(0, rows, height):
         bottom = min(top + height, rows)
@@ -241,7 +225,7 @@ def linear4bit_block_scales(state) -> torch.Tensor:
 def tiled_linear4bit_product(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for a ``Linear4bit`` ``layer`` (input features whole blocks) through
     :func:`.frozen.frozen_product`: the weight dequantized by equal row tiles into the thread's
-    :func:`scratch`, in the forward and again in the backward, computed in the layer's compute dtype."""
+    :func:`.frozen.scratch`, in the forward and again in the backward, computed in the layer's compute dtype."""
     state = layer.weight.quant_state
     compute = layer.compute_dtype or x.dtype
     out_features, in_features = state.shape

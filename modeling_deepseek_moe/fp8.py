@@ -18,7 +18,7 @@ from torch import nn
 from .fixed_dtypes import keep_dtypes_apply
 from .fp8_cpu import decode_product
 from .fp8_cpu import dequantize as dequantize_by_kernel
-from .frozen import DEQUANTIZE_BUDGET_BYTES, frozen_product, grouped_dequantizing_product, select_experts, tiled_linear
+from .frozen import DEQUANTIZE_BUDGET_BYTES, frozen_product, grouped_dequantizing_product, scratch, select_experts, tiled_linear
 from .linear import linear_layer
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -86,10 +86,13 @@ def _fp8_as_float32(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def dequantize_fp8_blockwise(
-    weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32, block: tuple[int, int] = BLOCK
+    weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32, block: tuple[int, int] = BLOCK,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``fp8 weight [..., out, in] * scale_inv`` per block -> ``dtype``. Raises ValueError when the scale's
-    shape is not the block grid of the weight (instead of guessing the block size from the ratio)."""
+    shape is not the block grid of the weight (instead of guessing the block size from the ratio). ``out``
+    (contiguous, as many values): where the CPU kernel writes the result (a reused buffer); elsewhere the
+    result is a new tensor."""
     *lead, rows, cols = weight.shape
     expected = scale_shape(tuple(weight.shape), block)
     if tuple(scale_inv.shape) != expected:
@@ -99,7 +102,7 @@ def dequantize_fp8_blockwise(
         )
     if torch.compiler.is_compiling():  # opaque (see _fp8_dequantize below)
         return torch.ops.deepseek_moe.fp8_dequantize(weight, scale_inv, dtype, block[0], block[1])
-    fast = dequantize_by_kernel(weight, scale_inv, dtype, block)
+    fast = dequantize_by_kernel(weight, scale_inv, dtype, block, out)
     if fast is not None:
         return fast
     values, factor = _fp8_as_float32(weight)
@@ -183,14 +186,25 @@ def row_tile_height(weight: torch.Tensor, dtype: torch.dtype, block: tuple[int, 
     return max(1, budget // (row_bytes * block[0])) * block[0]
 
 
+def transient_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The thread's :func:`.frozen.scratch` buffer for a dequantized weight consumed at once, within
+    ``DEQUANTIZE_BUDGET_BYTES`` (None over it: a weight that cannot be tiled gets a fresh tensor, not a
+    buffer kept at its size)."""
+    if numel * torch.empty((), dtype=dtype).element_size() > DEQUANTIZE_BUDGET_BYTES:
+        return None
+    return scratch(numel, dtype, device)
+
+
 def dequantized_row_tiles(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: tuple[int, int],
                           height: int):
     """``(top, bottom, rows top:bottom of weight dequantized to dtype)`` over ``weight`` ``[rows, cols]``
-    in tiles of ``height`` rows (a multiple of the block height, or all rows)."""
+    in tiles of ``height`` rows (a multiple of the block height, or all rows), each in the thread's
+    transient buffer: a tile is consumed before the next is made."""
     for top in range(0, weight.shape[0], height):
         bottom = min(top + height, weight.shape[0])
         scales = scale_inv[top // block[0] : -(-bottom // block[0])]
-        yield top, bottom, dequantize_fp8_blockwise(weight[top:bottom], scales, dtype, block)
+        buffer = transient_buffer((bottom - top) * weight.shape[1], dtype, weight.device)
+        yield top, bottom, dequantize_fp8_blockwise(weight[top:bottom], scales, dtype, block, buffer)
 
 
 def row_tiled_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, transposed: bool, height: int,
@@ -297,15 +311,19 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torc
     the activations through FP8 in 1 x 128 groups (DeepSeek's inference numerics). There is no grouped FP8
     kernel here yet, so "auto" dequantizes on every device (emulating would only add work). The products
     run feature-major (``[in, n]`` columns), the CPU's fast form. On the CPU, without gradients, up to
-    ``fp8_cpu.MAX_ROWS`` rows per expert go through the decode kernel (:mod:`.fp8_cpu`) instead. Compiled,
+    ``fp8_cpu.MAX_ROWS`` rows per expert with rows (on average) go through the decode kernel (:mod:`.fp8_cpu`)
+    instead. Compiled,
     the product is one opaque operator (it reads its offsets on the host)."""
     if mode == "scaled":
         rows = quantize_dequantize_activations(rows, block[1]).to(rows.dtype)
     if torch.compiler.is_compiling():
         return torch.ops.deepseek_moe.fp8_grouped_rows(rows, weight, scale_inv, offsets, parts, block[0], block[1])
     ends = offsets.tolist()
-    most_rows = max(end - start for start, end in zip([0, *ends[:-1]], ends))
-    output = decode_product(weight, scale_inv, rows, offsets, weight.shape[1] // parts, block, most_rows)
+    # the kernel's cost grows with each expert's rows, dequantizing's with the experts that have rows: the mean
+    # decides (the most rows did: one popular expert sent 48 tokens of bench_fp8's model to dequantizing, 1.9x)
+    active = sum(end > start for start, end in zip([0, *ends[:-1]], ends))
+    per_expert = -(-rows.shape[0] // max(active, 1))
+    output = decode_product(weight, scale_inv, rows, offsets, weight.shape[1] // parts, block, per_expert)
     if output is not None:
         return output
     return frozen_product(rows.t(), _dequantizing_product(weight, scale_inv, ends, parts, block, rows.dtype)).t()
@@ -318,7 +336,9 @@ def _dequantizing_product(weight: torch.Tensor, scale_inv: torch.Tensor, ends: l
     tile_rows = row_tile_height(weight, dtype, block, DEQUANTIZE_BUDGET_BYTES, parts)
 
     def dequantize(experts: list[int], dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_stacked(select_experts(weight, experts), select_experts(scale_inv, experts), parts, dtype, block)
+        buffer = transient_buffer(len(experts) * weight[0].numel(), dtype, weight.device)
+        return dequantize_stacked(select_experts(weight, experts), select_experts(scale_inv, experts), parts, dtype, block,
+                                  buffer)
 
     def row_tiled(expert: int, expert_rows: torch.Tensor, transposed: bool) -> torch.Tensor:
         return row_tiled_linear(expert_rows, weight[expert], scale_inv[expert], transposed, tile_rows, block)
@@ -380,12 +400,13 @@ def stacked_scale_shape(experts: int, rows: int, cols: int, parts: int, block: t
 
 
 def dequantize_stacked(weight: torch.Tensor, scale_inv: torch.Tensor, parts: int, dtype: torch.dtype = torch.float32,
-                       block: tuple[int, int] = BLOCK) -> torch.Tensor:
-    """``[experts, rows, cols]`` FP8 + scales of :func:`stacked_scale_shape` -> ``dtype``."""
+                       block: tuple[int, int] = BLOCK, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[experts, rows, cols]`` FP8 + scales of :func:`stacked_scale_shape` -> ``dtype`` (``out``: as
+    :func:`dequantize_fp8_blockwise`'s)."""
     experts, rows, cols = weight.shape
     split = weight.view(experts, parts, rows // parts, cols)
     scales = scale_inv.view(experts, parts, -1, scale_inv.shape[-1])
-    return dequantize_fp8_blockwise(split, scales, dtype, block).view(experts, rows, cols)
+    return dequantize_fp8_blockwise(split, scales, dtype, block, out).view(experts, rows, cols)
 
 
 def quantize_stacked(values: torch.Tensor, parts: int, block: tuple[int, int] = BLOCK,

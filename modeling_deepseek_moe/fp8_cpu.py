@@ -32,9 +32,12 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "fp8_cpu.cpp")
-# Up to this many rows per weight (per expert for stacked experts) the kernel beats dequantizing the weight
-# for a GEMM on this project's CPU (measured: benchmarks/bench_fp8.py); beyond, the dequantize path.
-MAX_ROWS = 16
+# Up to this many rows per weight (per expert with rows, on average, for stacked experts) the kernel beats
+# dequantizing the weight for a GEMM (measured on an AMD Zen 5 with avx512_bf16, weights from memory: FP8
+# projections of 1024 x 1024 to 2816 x 1024 take 0.5x the time at 16 bf16 rows, 0.9x at 32, 1.3-1.5x at 64;
+# float32 rows 0.7x at 32, 1.0x at 64; bench_fp8.py's model at 32-128 tokens 0.53-0.87x the time with 16
+# rows); beyond, the dequantize path.
+MAX_ROWS = 32
 _KERNEL: dict = {}
 
 
@@ -167,18 +170,20 @@ def decode_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Te
     return grouped_rows_product(weight, scale_inv, rows, ends, part_rows, block)
 
 
-def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: tuple[int, int]) -> torch.Tensor | None:
+def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: tuple[int, int],
+               out: torch.Tensor | None = None) -> torch.Tensor | None:
     """FP8 ``weight`` ``[..., rows, cols]`` times its block scales (``scale_inv`` ``[..., scale rows, scale
     cols]``) as ``dtype``, by the kernel: the numbers of :func:`.fp8.dequantize_fp8_blockwise`'s torch path
-    (float32, or float32 rounded to bfloat16), about 10x faster. None where the kernel does not serve (another
-    device or dtype, compiling, no kernel)."""
+    (float32, or float32 rounded to bfloat16), about 10x faster; written into ``out`` (contiguous, as many
+    values) where given. None where the kernel does not serve (another device or dtype, compiling, no
+    kernel)."""
     if (weight.device.type != "cpu" or weight.dtype != torch.float8_e4m3fn or dtype not in (torch.float32, torch.bfloat16)
             or torch.compiler.is_compiling() or kernel() is None):
         return None
     rows, cols = weight.shape[-2:]
     output = kernel().fp8_dequantize(weight.reshape(-1, rows, cols).view(torch.uint8),
                                      scale_inv.float().reshape(-1, *scale_inv.shape[-2:]).contiguous(), block[0], block[1],
-                                     dtype == torch.bfloat16)
+                                     dtype == torch.bfloat16, out)
     return output.view(weight.shape)
 
 

@@ -11,7 +11,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from modeling_deepseek_moe import (DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config, DeepseekMoEV3ForCausalLM, attention,
-                                   fp8, fp8_cpu, grouped_mm)
+                                   fp8, fp8_cpu, frozen, grouped_mm)
 from modeling_deepseek_moe.fp8 import dequantize_fp8_blockwise, dequantize_stacked, quantize_fp8_blockwise, quantize_stacked
 from modeling_deepseek_moe.norm import RMSNorm
 from modeling_deepseek_moe.rope import apply_rotary_interleaved
@@ -59,6 +59,50 @@ def test_grouped_experts_with_gate_and_up_quantized_apart_and_empty_experts(deco
     with torch.no_grad():
         output = fp8.fp8_grouped_linear(weight, scale_inv, rows, offsets, 2, "dequantize", block)
     assert relative_error(output, expected) < 1e-6
+
+
+@pytest.mark.parametrize("counts, kernel", [([40, 1, 0, 1, 2, 0], True), ([0, 40, 0, 0, 40, 0], False)])
+def test_grouped_experts_go_to_the_kernel_by_their_mean_rows(decode_kernel, monkeypatch, counts, kernel):
+    """One popular expert over MAX_ROWS rows no longer sends every expert to dequantizing: the kernel pays per row,
+    dequantizing per expert with rows, so the mean over the experts with rows decides."""
+    monkeypatch.setattr(fp8_cpu, "MAX_ROWS", 32)
+    calls = []
+    real = fp8_cpu.grouped_rows_product
+    monkeypatch.setattr(fp8_cpu, "grouped_rows_product", lambda *a: calls.append(1) or real(*a))
+    weight, scale_inv = quantize_stacked(torch.randn(6, 64, 64), 2, (16, 16))
+    rows = torch.randn(sum(counts), 64)
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    dense = dequantize_stacked(weight, scale_inv, 2, torch.float32, (16, 16))
+    expected = torch.einsum("noi,ni->no", dense[torch.repeat_interleave(torch.arange(6), torch.tensor(counts))], rows)
+    with torch.no_grad():
+        output = fp8.fp8_grouped_linear(weight, scale_inv, rows, offsets, 2, "dequantize", (16, 16))
+    assert bool(calls) == kernel and relative_error(output, expected) < 1e-6
+
+
+@pytest.mark.parametrize("budget, reused", [(2**20, True), (1024, False)])
+def test_dequantized_weights_of_a_prefill_are_written_into_the_threads_buffer(decode_kernel, monkeypatch, budget, reused):
+    """Prefill-sized products dequantize into the thread's reused buffer (fresh pages per weight cost more than
+    the dequantization); a weight over the budget that cannot be tiled gets a fresh tensor."""
+    monkeypatch.setattr(fp8, "DEQUANTIZE_BUDGET_BYTES", budget)
+    module, buffers = fp8_cpu._module(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        def fp8_dequantize(self, *args):
+            buffers.append(args[-1])
+            return module.fp8_dequantize(*args)
+
+    weight, scale_inv = quantize_fp8_blockwise(torch.randn(64, 128), (64, 128))  # one block: no row tiles
+    x = torch.randn(fp8_cpu.MAX_ROWS + 8, 128)
+    expected = x @ dequantize_fp8_blockwise(weight, scale_inv, block=(64, 128)).t()
+    monkeypatch.setitem(fp8_cpu._KERNEL, "module", Spy())
+    with torch.no_grad():
+        output = fp8.fp8_linear(x, weight, scale_inv, mode="dequantize", block=(64, 128))
+    assert relative_error(output, expected) < 1e-6
+    (buffer,) = buffers
+    assert (buffer is not None and buffer.data_ptr() == frozen.scratch(1, torch.float32, x.device).data_ptr()) == reused
 
 
 def test_bf16_activations_within_bf16_rounding(decode_kernel):
@@ -232,7 +276,8 @@ def test_bf16_decode_sized_expert_products_go_through_the_kernel(decode_kernel, 
     with torch.no_grad():  # compiled: the token-major operator (deepseek_moe::grouped_rows) runs it too
         compiled = torch.compile(grouped_mm.grouped_linear, fullgraph=True)(weight, rows, offsets)
     assert len(calls) == 2 and torch.equal(compiled, output)
-    assert fp8_cpu.bf16_grouped_product(weight, torch.randn(17, 32).bfloat16(), torch.full((8,), 17)) is None  # > MAX_ROWS
+    more = fp8_cpu.MAX_ROWS + 1
+    assert fp8_cpu.bf16_grouped_product(weight, torch.randn(more, 32).bfloat16(), torch.full((8,), more)) is None
 
 
 def test_one_bf16_row_goes_through_the_kernel_eager_and_compiled(decode_kernel, monkeypatch):

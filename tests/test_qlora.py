@@ -18,7 +18,7 @@ from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from transformers import BitsAndBytesConfig  # noqa: E402
 
 from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM  # noqa: E402
-from modeling_deepseek_moe import bnb4bit  # noqa: E402
+from modeling_deepseek_moe import bnb4bit, frozen  # noqa: E402
 from modeling_deepseek_moe.experts import ExpertChunk  # noqa: E402
 from modeling_deepseek_moe.fp8 import QUANTIZED_KEY  # noqa: E402
 from modeling_deepseek_moe.layout import OfficialLayout  # noqa: E402
@@ -346,7 +346,7 @@ def test_dequantizing_into_the_reused_buffer_equals_bitsandbytes(quant_type, dty
     packed, state = F.quantize_4bit(rows, blocksize=bnb4bit.BLOCKSIZE, quant_type=quant_type)
     expected = F.dequantize_4bit(packed, F.QuantState(absmax=state.absmax, shape=rows.shape, blocksize=bnb4bit.BLOCKSIZE,
                                                       quant_type=quant_type, dtype=dtype)).view(-1)
-    buffer = bnb4bit.scratch(values.numel(), dtype, values.device)
+    buffer = frozen.scratch(values.numel(), dtype, values.device)
     written = bnb4bit.dequantize_codes(packed, state.absmax, quant_type, dtype, out=buffer.fill_(float("nan")))
     assert written.data_ptr() == buffer.data_ptr() and torch.equal(written, expected)
 

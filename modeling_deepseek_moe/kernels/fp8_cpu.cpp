@@ -759,15 +759,19 @@ at::Tensor bf16_grouped_gemv_transposed(const at::Tensor& weight, const at::Tens
 }
 
 // weight [groups, rows, cols] (uint8 bits of float8_e4m3fn) with scale [groups, scale rows, scale cols] ->
-// float32 or bfloat16: the same numbers as torch's float32 dequantization (rounded to bfloat16 as torch does).
+// float32 or bfloat16: the same numbers as torch's float32 dequantization (rounded to bfloat16 as torch does),
+// written into `out` where given (a reused buffer: fresh pages cost more than the dequantization).
 at::Tensor fp8_dequantize(const at::Tensor& weight, const at::Tensor& scale, int64_t block_o, int64_t block_i,
-                          bool bfloat16) {
+                          bool bfloat16, const std::optional<at::Tensor>& into) {
   TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kByte && weight.is_contiguous(), "weight: uint8 [groups, rows, cols]");
   TORCH_CHECK(scale.dim() == 3 && scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale: float32 [groups, rows, cols]");
   const int64_t rows = weight.size(1), cols = weight.size(2), total = weight.size(0) * rows;
   const int64_t scale_rows = scale.size(1), scale_cols = scale.size(2);
   TORCH_CHECK(scale_rows == (rows + block_o - 1) / block_o && scale_cols == (cols + block_i - 1) / block_i, "scale grid");
-  auto out = at::empty(weight.sizes(), weight.options().dtype(bfloat16 ? at::kBFloat16 : at::kFloat));
+  const auto dtype = bfloat16 ? at::kBFloat16 : at::kFloat;
+  TORCH_CHECK(!into.has_value() || (into->scalar_type() == dtype && into->is_contiguous() && into->numel() == weight.numel()),
+              "into: a contiguous ", dtype, " buffer of ", weight.numel(), " values");
+  at::Tensor out = into.has_value() ? into->view(weight.sizes()) : at::empty(weight.sizes(), weight.options().dtype(dtype));
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const float* s = scale.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
