@@ -33,8 +33,8 @@ logger = logging.get_logger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "fp8_cpu.cpp")
 # Up to this many rows per weight (per expert with rows, on average, for stacked experts) the kernel beats
-# dequantizing the weight for a GEMM (measured on an AMD Zen 5 with avx512_bf16, weights from memory: FP8
-# projections of 1024 x 1024 to 2816 x 1024 take 0.5x the time at 16 bf16 rows, 0.9x at 32, 1.3-1.5x at 64;
+# dequantizing the weight for a GEMM (measured on an Intel Xeon with AMX and AVX512-FP16, weights from its L3:
+# FP8 projections of 1024 x 1024 to 2816 x 1024 take 0.5x the time at 16 bf16 rows, 0.9x at 32, 1.3-1.5x at 64;
 # float32 rows 0.7x at 32, 1.0x at 64; bench_fp8.py's model at 32-128 tokens 0.53-0.87x the time with 16
 # rows); beyond, the dequantize path.
 MAX_ROWS = 32
