@@ -312,8 +312,7 @@ def fp8_grouped_linear(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torc
     kernel here yet, so "auto" dequantizes on every device (emulating would only add work). The products
     run feature-major (``[in, n]`` columns), the CPU's fast form. On the CPU, without gradients, up to
     ``fp8_cpu.MAX_ROWS`` rows per expert with rows (on average) go through the decode kernel (:mod:`.fp8_cpu`)
-    instead. Compiled,
-    the product is one opaque operator (it reads its offsets on the host)."""
+    instead. Compiled, the product is one opaque operator (it reads its offsets on the host)."""
     if mode == "scaled":
         rows = quantize_dequantize_activations(rows, block[1]).to(rows.dtype)
     if torch.compiler.is_compiling():

@@ -151,8 +151,8 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, sigmoid: bool, group_
     """A router's scores, chosen experts and weights from its float32 ``logits`` ``[tokens, experts]`` in one call,
     the numbers of :meth:`.routing.TopKRouter.forward`: ``sigmoid`` (else softmax) scores, ``bias`` added for the
     choice, ``group_score`` "max" or "top2_sum" to keep ``kept_groups`` of ``groups`` (None: no groups, and those two
-    unused), weights
-    normalised (``normalise``, ``epsilon``) and times ``scaling``. None where the kernel does not serve."""
+    unused), weights normalised (``normalise``, ``epsilon``) and times ``scaling``. None where the kernel does not
+    serve."""
     if logits.dtype != torch.float32 or not logits.is_contiguous() or not serves_eagerly(logits, *([] if bias is None else [bias])):
         return None
     if group_score is None:
