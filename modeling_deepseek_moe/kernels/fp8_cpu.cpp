@@ -442,13 +442,13 @@ class FloatRows {
   const float* data_;
 };
 
-// Calls body with the data of y (float32 or bfloat16) as float* or uint16_t* (bfloat16 bits).
+// Calls body with the data of t (float32 or bfloat16) as float* or uint16_t* (bfloat16 bits).
 template <typename Body>
-void with_output(at::Tensor& y, Body body) {
-  if (y.scalar_type() == at::kFloat) {
-    body(y.data_ptr<float>());
+void with_data(const at::Tensor& t, Body body) {
+  if (t.scalar_type() == at::kFloat) {
+    body(t.data_ptr<float>());
   } else {
-    body(reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+    body(reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()));
   }
 }
 
@@ -560,7 +560,7 @@ at::Tensor fp8_product(const at::Tensor& weight, const at::Tensor& scale, const 
   for (int64_t r = 0; dot && r < n; ++r) permute_for_dot(bf16_x + r * in, in, permuted.get() + r * in);
   static const Fp8ToBf16Tables tables = fp8_to_bf16_tables();
 #endif
-  with_output(y, [&](auto* yp) {
+  with_data(y, [&](auto* yp) {
     at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t first, int64_t last) {
       // x of the tile's rows times the block scales and 2^8 (left uninitialised: zeroing showed in decoding)
       std::unique_ptr<float[]> scaled(new float[std::min(kMaxRows, n) * in]);
@@ -638,7 +638,7 @@ at::Tensor bf16_product(const at::Tensor& weight, const at::Tensor& rows, const 
       for (int64_t o = 0; o < out; o += height)
         tiles.push_back({g, r, std::min(kMaxRows, end[g] - r), o, std::min(out, o + height)});
   }
-  with_output(y, [&](auto* yp) {
+  with_data(y, [&](auto* yp) {
     at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t first, int64_t last) {
       for (int64_t t = first; t < last; ++t) {
         const Tile& tile = tiles[t];
@@ -719,7 +719,7 @@ at::Tensor grouped_gemv_transposed(const W* w, const Stack& stack, const float* 
   for (int64_t g = 0, r = 0; g < stack.groups; ++g)
     for (; r < end[g]; ++r) group_of[r] = g;
   const float* xp = x.data();
-  with_output(y, [&](auto* yp) {
+  with_data(y, [&](auto* yp) {
     at::parallel_for(0, static_cast<int64_t>(group_of.size()) * chunks, 1, [&](int64_t first, int64_t last) {
       for (int64_t t = first; t < last; ++t) {
         const int64_t r = t / chunks, c0 = (t % chunks) * kChunk, width = std::min(kChunk, cols - c0) / kLanes;
@@ -790,16 +790,7 @@ at::Tensor fp8_dequantize(const at::Tensor& weight, const at::Tensor& scale, int
 }
 
 // The elementwise work around a decoded token's products, one call each instead of ~10 aten calls (each a few
-// microseconds, as long as a decoding product): RMSNorm and MLA's interleaved RoPE. Data of float32 or
-// bfloat16 tensors, read as float* or uint16_t* (bfloat16 bits).
-template <typename Body>
-void with_input(const at::Tensor& t, Body body) {
-  if (t.scalar_type() == at::kFloat) {
-    body(t.data_ptr<float>());
-  } else {
-    body(reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()));
-  }
-}
+// microseconds, as long as a decoding product): RMSNorm and MLA's interleaved RoPE.
 
 // v as the dtype T stores it (float32: itself; bfloat16: rounded to nearest even), as float32.
 template <typename T>
@@ -852,9 +843,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const at::Tensor input = x.contiguous(), w = weight.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::promote_types(x.scalar_type(), weight.scalar_type())));
   const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d;
-  with_input(input, [&](const auto* xp) {
-    with_input(w, [&](const auto* wp) {
-      with_output(y, [&](auto* yp) {
+  with_data(input, [&](const auto* xp) {
+    with_data(w, [&](const auto* wp) {
+      with_data(y, [&](auto* yp) {
         at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t first, int64_t last) {
           rms_norm_rows(xp, wp, yp, first, last, d, static_cast<float>(eps));
         });
@@ -901,7 +892,7 @@ at::Tensor rotary_interleaved(const at::Tensor& x, const at::Tensor& cos, const 
   at::Tensor y = at::empty(x.sizes(), x.options());
   const int64_t heads = x.size(1), seq = x.size(2), d = x.size(3), rows = x.size(0) * heads * seq;
   const int64_t strides[3] = {x.stride(0), x.stride(1), x.stride(2)};
-  with_output(y, [&](auto* yp) {
+  with_data(y, [&](auto* yp) {
     using T = std::remove_pointer_t<decltype(yp)>;
     const auto data = [](const at::Tensor& t) { return static_cast<const T*>(t.data_ptr()); };
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / d), [&](int64_t first, int64_t last) {
