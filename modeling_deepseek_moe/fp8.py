@@ -187,12 +187,9 @@ def row_tile_height(weight: torch.Tensor, dtype: torch.dtype, block: tuple[int, 
 
 
 def transient_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """The thread's :func:`.frozen.scratch` buffer for a dequantized weight consumed at once, within
-    ``DEQUANTIZE_BUDGET_BYTES`` (None over it: a weight that cannot be tiled gets a fresh tensor, not a
-    buffer kept at its size)."""
-    if numel * torch.empty((), dtype=dtype).element_size() > DEQUANTIZE_BUDGET_BYTES:
-        return None
-    return scratch(numel, dtype, device)
+    """Where the CPU kernel dequantizes a weight consumed at once: the thread's :func:`.frozen.scratch`; None
+    on other devices, where the kernel does not serve (no buffer held there for nothing)."""
+    return scratch(numel, dtype, device) if device.type == "cpu" else None
 
 
 def dequantized_row_tiles(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: tuple[int, int],

@@ -28,7 +28,10 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     dequantizes (each consumed before the next is made). A fresh buffer per tile (2 GB through the
     allocator per QLoRA step of bench_qlora.py's model) left glibc's heap fragmented between the
     activations: the step's peak RSS was 105 MB higher; an FP8 prefill of 256 tokens (bench_fp8.py's model)
-    faulted in 90-150 MB of fresh pages per forward."""
+    faulted in 90-150 MB of fresh pages per forward. Over ``DEQUANTIZE_BUDGET_BYTES`` (an expert that cannot
+    be tiled) a fresh tensor, so that no buffer stays at that size."""
+    if numel * dtype.itemsize > DEQUANTIZE_BUDGET_BYTES:
+        return torch.empty(numel, dtype=dtype, device=device)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buffer = buffers.get((dtype, device))
     if buffer is None or buffer.numel() < numel:

@@ -84,6 +84,7 @@ def test_dequantized_weights_of_a_prefill_are_written_into_the_threads_buffer(de
     """Prefill-sized products dequantize into the thread's reused buffer (fresh pages per weight cost more than
     the dequantization); a weight over the budget that cannot be tiled gets a fresh tensor."""
     monkeypatch.setattr(fp8, "DEQUANTIZE_BUDGET_BYTES", budget)
+    monkeypatch.setattr(frozen, "DEQUANTIZE_BUDGET_BYTES", budget)
     module, buffers = fp8_cpu._module(), []
 
     class Spy:
