@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .fixed_dtypes import keep_dtypes_apply
-from .fp8_cpu import decode_product
+from .fp8_cpu import decode_linear, decode_product
 from .fp8_cpu import dequantize as dequantize_by_kernel
 from .frozen import DEQUANTIZE_BUDGET_BYTES, frozen_product, grouped_dequantizing_product, scratch, select_experts, tiled_linear
 from .linear import linear_layer
@@ -221,20 +221,19 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     ``fp8_cpu.MAX_ROWS`` rows go through the decode kernel (:mod:`.fp8_cpu`). Compiled, the product is
     the opaque grouped FP8 operator (see :func:`fp8_grouped_linear`)."""
     scaled = uses_scaled_matmul(mode, x.device)
-    shape = (*x.shape[:-1], weight.shape[0])
     if scaled and fp8_matmuls_available(x.device) and block == (128, 128) and weight.shape[0] % 128 == 0 \
             and weight.shape[1] % 128 == 0 and x.dtype in (torch.bfloat16, torch.float32):
-        output = _scaled_mm_blockwise(x.reshape(-1, x.shape[-1]), weight, scale_inv).view(shape)
+        output = _scaled_mm_blockwise(x.reshape(-1, x.shape[-1]), weight, scale_inv).view(*x.shape[:-1], -1)
         return output if bias is None else output + bias
     inputs = quantize_dequantize_activations(x, block[1]).to(x.dtype) if scaled else x
-    rows = inputs.reshape(-1, inputs.shape[-1])
     # a few rows: the kernel reads the FP8 bytes only (compiled: as its operator)
-    output = decode_product(weight, scale_inv, rows, None, weight.shape[0], block, rows.shape[0])
+    output = decode_linear(inputs, weight, scale_inv, block)
     if output is not None:
-        return output.view(shape) if bias is None else output.view(shape) + bias
+        return output if bias is None else output + bias
+    rows = inputs.reshape(-1, inputs.shape[-1])
     if torch.compiler.is_compiling():  # the grouped FP8 operator with one group (opaque, as it)
         ends = torch.full((1,), rows.shape[0], dtype=torch.int32, device=rows.device)
-        output = torch.ops.deepseek_moe.fp8_grouped_rows(rows, weight[None], scale_inv[None], ends, 1, *block).view(shape)
+        output = torch.ops.deepseek_moe.fp8_grouped_rows(rows, weight[None], scale_inv[None], ends, 1, *block).view(*x.shape[:-1], -1)
         return output if bias is None else output + bias
 
     def product(v: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -70,10 +70,10 @@ def _operator_namespace() -> str:
 def _register_shapes(namespace: str) -> None:
     """The kernel operators' output shapes, for tracing."""
     def rows_by_weight_rows(weight, scale, rows, *settings):
-        return rows.new_empty(rows.shape[0], weight.shape[-2])
+        return rows.new_empty(*rows.shape[:-1], weight.shape[-2])
 
     def rows_by_weight_columns(weight, scale, rows, *settings):
-        return rows.new_empty(rows.shape[0], weight.shape[-1])
+        return rows.new_empty(*rows.shape[:-1], weight.shape[-1])
 
     shapes = {"fp8_grouped_gemv": rows_by_weight_rows, "fp8_grouped_gemv_transposed": rows_by_weight_columns,
               "bf16_grouped_gemv": lambda weight, rows, ends: rows_by_weight_rows(weight, None, rows),
@@ -168,6 +168,16 @@ def decode_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Te
     if not serves(rows, rows_per_weight):
         return None
     return grouped_rows_product(weight, scale_inv, rows, ends, part_rows, block)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor | None:
+    """``x`` ``[..., in]`` (float32 or bf16) through one FP8 projection ``weight`` ``[out, in]`` with its
+    ``scale_inv`` -> ``[..., out]`` in x's dtype, as the kernel takes them (no reshape here: a decoded token makes
+    dozens of these calls, and each Python step shows), where the kernel :func:`serves` (at most ``MAX_ROWS``
+    rows), else None."""
+    if not serves(x, x.numel() // max(x.shape[-1], 1)):
+        return None
+    return kernel().fp8_grouped_gemv(weight.contiguous(), scale_inv, x, None, weight.shape[0], block[0], block[1])
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: tuple[int, int],

@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from modeling_deepseek_moe import (DeepseekMoEV1Config, DeepseekMoEV2Config, DeepseekMoEV3Config, DeepseekMoEV3ForCausalLM, attention,
                                    fp8, fp8_cpu, frozen, grouped_mm)
-from modeling_deepseek_moe.fp8 import dequantize_fp8_blockwise, dequantize_stacked, quantize_fp8_blockwise, quantize_stacked
+from modeling_deepseek_moe.fp8 import FP8Linear, dequantize_fp8_blockwise, dequantize_stacked, quantize_fp8_blockwise, quantize_stacked
 from modeling_deepseek_moe.norm import RMSNorm
 from modeling_deepseek_moe.rope import apply_rotary_interleaved
 from modeling_deepseek_moe.routing import RouterOutput, TopKRouter
@@ -133,33 +133,45 @@ def test_bf16_activations_equal_the_float64_product_within_bf16_rounding(decode_
     assert (output.double() - expected).abs().max() < 2 ** -7 * expected.abs().max()
 
 
-def test_served_only_without_gradients_and_up_to_max_rows(decode_kernel, monkeypatch):
-    calls = []
-    real = fp8_cpu.grouped_rows_product
-    monkeypatch.setattr(fp8_cpu, "grouped_rows_product", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+def test_served_only_without_gradients_and_up_to_max_rows(kernel_calls):
     weight, scale_inv = quantize_fp8_blockwise(torch.randn(128, 128))
     x = torch.randn(2, 128, requires_grad=True)
     fp8.fp8_linear(x, weight, scale_inv, mode="dequantize").sum().backward()  # training: dequantize path
+    assert "fp8_grouped_gemv" not in kernel_calls and x.grad is not None
     with torch.no_grad():
         fp8.fp8_linear(x, weight, scale_inv, mode="dequantize")
+        assert kernel_calls.count("fp8_grouped_gemv") == 1
         fp8.fp8_linear(torch.randn(fp8_cpu.MAX_ROWS + 1, 128), weight, scale_inv, mode="dequantize")
-    assert calls == [2] and x.grad is not None
+    assert kernel_calls.count("fp8_grouped_gemv") == 1
 
 
-def test_model_logits_and_greedy_tokens_with_and_without_the_kernel(decode_kernel, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projection_inputs_with_leading_dimensions_go_to_the_kernel_as_they_are(kernel_calls, dtype):
+    """FP8Linear's input [batch, seq, in] (contiguous or not) reaches the kernel without a reshape: the output has
+    its leading dimensions and the numbers of the two-dimensional product."""
+    layer = FP8Linear(256, 384)
+    layer.set_weight(torch.randn(384, 256))
+    x = torch.randn(2, 3, 256).to(dtype)
+    expected = x.float().reshape(6, 256) @ layer.dequantized_weight().t()
+    with torch.no_grad():
+        outputs = [layer(x), layer(x.transpose(0, 1)).transpose(0, 1)]
+    assert kernel_calls.count("fp8_grouped_gemv") == 2
+    for output in outputs:
+        assert output.shape == (2, 3, 384) and output.dtype == dtype
+        assert relative_error(output.reshape(6, 384), expected) < (2 ** -8 if dtype == torch.bfloat16 else 1e-6)
+
+
+def test_model_logits_and_greedy_tokens_with_and_without_the_kernel(kernel_calls, tmp_path, monkeypatch):
     write_fp8_official_checkpoint(tmp_path, "v3")
     model = DeepseekMoEV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, fp8_compute="dequantize")
     ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
-    calls = []
-    real = fp8_cpu.grouped_rows_product
-    monkeypatch.setattr(fp8_cpu, "grouped_rows_product", lambda *a: calls.append(1) or real(*a))
 
     def decode():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                               output_scores=True, return_dict_in_generate=True)
 
     with_kernel = decode()
-    assert calls, "the decode steps went around the kernel"
+    assert "fp8_grouped_gemv" in kernel_calls and "routed_mixture" in kernel_calls, "the decode steps went around the kernel"
     monkeypatch.setattr(fp8_cpu, "MAX_ROWS", 0)  # every product dequantizes its weight
     without = decode()
     assert torch.equal(with_kernel.sequences, without.sequences)

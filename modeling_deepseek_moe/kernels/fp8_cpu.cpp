@@ -411,9 +411,14 @@ struct Tile {
 // token makes a few hundred of these small products, and each aten call costs microseconds).
 class FloatRows {
  public:
-  explicit FloatRows(const at::Tensor& rows) : rows_(rows.contiguous()) {
-    TORCH_CHECK(rows_.dim() == 2 && (rows_.scalar_type() == at::kFloat || rows_.scalar_type() == at::kBFloat16),
-                "rows: float32 or bfloat16 [n, in]");
+  // rows [..., in]: every leading dimension is a row (one projection's input as the model holds it: its
+  // reshape in Python cost as much as a small product's memory time)
+  explicit FloatRows(const at::Tensor& rows) {
+    TORCH_CHECK(rows.dim() >= 1 && (rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kBFloat16),
+                "rows: float32 or bfloat16 [..., in]");
+    leading_ = rows.sizes().vec();
+    leading_.pop_back();
+    rows_ = rows.reshape({-1, rows.size(-1)}).contiguous();
     if (rows_.scalar_type() == at::kFloat) {
       data_ = rows_.data_ptr<float>();
       return;
@@ -433,10 +438,15 @@ class FloatRows {
   }
   int64_t n() const { return rows_.size(0); }
   int64_t in() const { return rows_.size(1); }
-  // the product's result [n, out], in the rows' dtype
-  at::Tensor empty_output(int64_t out) const { return at::empty({n(), out}, rows_.options()); }
+  // the product's result [..., out] (the rows' leading dimensions), in the rows' dtype
+  at::Tensor empty_output(int64_t out) const {
+    std::vector<int64_t> sizes = leading_;
+    sizes.push_back(out);
+    return at::empty(sizes, rows_.options());
+  }
 
  private:
+  std::vector<int64_t> leading_;
   at::Tensor rows_;
   std::unique_ptr<float[]> copy_;
   const float* data_;
@@ -493,10 +503,13 @@ std::vector<int64_t> group_ends(const std::optional<at::Tensor>& ends, int64_t g
   return result;
 }
 
-// Zeroes the rows of y that no group holds.
+// Rows of x [..., in]: every leading dimension counted.
+int64_t row_count(const at::Tensor& rows) { return rows.size(-1) == 0 ? 0 : rows.numel() / rows.size(-1); }
+
+// Zeroes the rows of y [..., out] that no group holds.
 void zero_rows_past(at::Tensor& y, const std::vector<int64_t>& ends) {
-  const int64_t last = ends.empty() ? 0 : ends.back();
-  if (last < y.size(0)) y.narrow(0, last, y.size(0) - last).zero_();
+  const int64_t last = ends.empty() ? 0 : ends.back(), n = row_count(y);
+  if (last < n) y.view({n, y.size(-1)}).narrow(0, last, n - last).zero_();
 }
 
 // Output rows per tile of a product of `out` rows per group: `most`, halved while the groups with rows (ends)
@@ -608,7 +621,7 @@ at::Tensor fp8_product(const at::Tensor& weight, const at::Tensor& scale, const 
 
 at::Tensor fp8_grouped_gemv(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& rows,
                             const std::optional<at::Tensor>& ends, int64_t part_rows, int64_t block_o, int64_t block_i) {
-  return fp8_product(weight, scale, rows, group_ends(ends, stack_of(weight, "weight").groups, rows.size(0)), part_rows,
+  return fp8_product(weight, scale, rows, group_ends(ends, stack_of(weight, "weight").groups, row_count(rows)), part_rows,
                      block_o, block_i);
 }
 
@@ -653,7 +666,7 @@ at::Tensor bf16_product(const at::Tensor& weight, const at::Tensor& rows, const 
 }  // namespace
 
 at::Tensor bf16_grouped_gemv(const at::Tensor& weight, const at::Tensor& rows, const std::optional<at::Tensor>& ends) {
-  return bf16_product(weight, rows, group_ends(ends, stack_of(weight, "weight").groups, rows.size(0)));
+  return bf16_product(weight, rows, group_ends(ends, stack_of(weight, "weight").groups, row_count(rows)));
 }
 
 // Decoding's routed mixture in one call: the steps of the Python dispatcher and ExpertChunk.forward for a few
