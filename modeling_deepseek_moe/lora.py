@@ -21,6 +21,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .experts import ExpertChunk, expert_range
 from .grouped_mm import grouped_linear
@@ -81,6 +82,12 @@ class FP8LoraLinear(LoraLinear):
                 self.get_base_layer().merge_delta(-self.get_delta_weight(adapter))
 
 
+def rank_projection(a: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
+    """``A_e x`` for each row x of expert e: ``rows`` ``[n, in]`` (after ``dropout``, in A's dtype) through the
+    stacked LoRA factors ``a`` ``[experts, r, in]`` -> ``[n, r]``."""
+    return grouped_linear(a, dropout(rows).to(a.dtype), offsets)
+
+
 class ExpertChunkLora(nn.Module, LoraLayer):
     """Per-expert LoRA on a chunk's ``gate_up_proj`` and ``down_proj``:
     ``A [experts, r, in]`` (random) and ``B [experts, out, r]`` (zero) for each."""
@@ -134,8 +141,15 @@ class ExpertChunkLora(nn.Module, LoraLayer):
             if adapter not in factor_a:
                 continue
             a, b = expert_range(factor_a[adapter], experts), expert_range(factor_b[adapter], experts)
-            x = self.lora_dropout[adapter](rows).to(a.dtype)
-            term = grouped_linear(b, grouped_linear(a, x, offsets), offsets) * self.scaling[adapter]
+            dropout = self.lora_dropout[adapter]
+            if torch.is_grad_enabled() and rows.dtype != a.dtype:
+                # Rows in a lower precision than the adapters (bf16 rows, float32 adapters as PEFT makes them):
+                # autograd keeps the rows as they are and casts them again in the backward, not a float32 copy
+                # (41 KB less per token and MoE layer at V2-Lite's widths; the rank-r product is recomputed).
+                low_rank = checkpoint(rank_projection, a, rows, offsets, dropout, use_reentrant=False)
+            else:
+                low_rank = rank_projection(a, rows, offsets, dropout)
+            term = grouped_linear(b, low_rank, offsets) * self.scaling[adapter]
             total = term if total is None else total + term
         return total
 

@@ -8,6 +8,7 @@ import torch
 from peft import get_peft_model
 
 from modeling_deepseek_moe import DeepseekMoEV1ForCausalLM, DeepseekMoEV2ForCausalLM, DeepseekMoEV3ForCausalLM
+from modeling_deepseek_moe import lora
 from modeling_deepseek_moe.lora import ExpertChunkLora, load_adapter, lora_config
 
 from conftest import relative_error
@@ -89,6 +90,35 @@ def test_expert_adapter_equals_merged_weight_per_expert(official_checkpoint, mon
         merged = base(rows, offsets, weights)
     assert relative_error(adapted, merged) < 1e-5
     assert relative_error(adapted_range, adapted[10:28]) < 1e-6
+
+
+def test_expert_adapters_keep_the_rows_not_a_float32_copy_for_the_backward(official_checkpoint, monkeypatch):
+    """bf16 rows through float32 adapters (PEFT makes them float32): autograd keeps no float32 copy of the rows
+    (the rank-r product is recomputed from them in the backward), and the gradients are the plain product's."""
+    _, model = lora_model(official_checkpoint, "v2", targets=("experts",))
+    layer = next(m for m in model.modules() if isinstance(m, ExpertChunkLora))
+    layer.get_base_layer().to(torch.bfloat16)
+    adapters = [p for p in layer.parameters() if p.requires_grad]
+    assert adapters and all(p.dtype == torch.float32 for p in adapters)
+    rows = torch.randn(40, 64, dtype=torch.bfloat16, requires_grad=True)
+    offsets = torch.tensor([5, 10, 10, 18, 20, 22, 25, 28, 30, 31, 33, 35, 36, 38, 39, 40], dtype=torch.int32)
+    weights = torch.rand(40, dtype=torch.bfloat16)
+
+    def float_copies_kept_and_gradients():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            output = layer(rows, offsets, weights)
+        gradients = torch.autograd.grad(output.float().square().sum(), [rows, *adapters])
+        # a float32 tensor of a row per assignment and more than the rank's width: a copy of the rows (or of
+        # the intermediate rows the down projection reads)
+        copies = [t for t in saved if t.dtype == torch.float32 and 40 in t.shape and t.numel() > 40 * 4]
+        return copies, gradients
+
+    copies, gradients = float_copies_kept_and_gradients()
+    monkeypatch.setattr(lora, "checkpoint", lambda function, *args, **kwargs: function(*args))
+    plain_copies, plain_gradients = float_copies_kept_and_gradients()
+    assert copies == [] and len(plain_copies) == 2  # gate_up's input rows and down's intermediate rows
+    assert all(torch.equal(a, b) for a, b in zip(gradients, plain_gradients))
 
 
 def test_peft_target_parameters_on_the_expert_stacks(official_checkpoint):
