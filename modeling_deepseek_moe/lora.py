@@ -149,7 +149,7 @@ class ExpertChunkLora(nn.Module, LoraLayer):
                 low_rank = checkpoint(rank_projection, a, rows, offsets, dropout, use_reentrant=False)
             else:
                 low_rank = rank_projection(a, rows, offsets, dropout)
-            term = grouped_linear(b, low_rank, offsets) * self.scaling[adapter]
+            term = grouped_linear(b, low_rank * self.scaling[adapter], offsets)  # scaled at rank r: no [n, out] copy
             total = term if total is None else total + term
         return total
 
