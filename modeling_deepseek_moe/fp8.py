@@ -223,7 +223,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     scaled = uses_scaled_matmul(mode, x.device)
     if scaled and fp8_matmuls_available(x.device) and block == (128, 128) and weight.shape[0] % 128 == 0 \
             and weight.shape[1] % 128 == 0 and x.dtype in (torch.bfloat16, torch.float32):
-        output = _scaled_mm_blockwise(x.reshape(-1, x.shape[-1]), weight, scale_inv).view(*x.shape[:-1], -1)
+        output = _scaled_mm_blockwise(x.reshape(-1, x.shape[-1]), weight, scale_inv).view(*x.shape[:-1], weight.shape[0])
         return output if bias is None else output + bias
     inputs = quantize_dequantize_activations(x, block[1]).to(x.dtype) if scaled else x
     # a few rows: the kernel reads the FP8 bytes only (compiled: as its operator)
@@ -233,7 +233,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     rows = inputs.reshape(-1, inputs.shape[-1])
     if torch.compiler.is_compiling():  # the grouped FP8 operator with one group (opaque, as it)
         ends = torch.full((1,), rows.shape[0], dtype=torch.int32, device=rows.device)
-        output = torch.ops.deepseek_moe.fp8_grouped_rows(rows, weight[None], scale_inv[None], ends, 1, *block).view(*x.shape[:-1], -1)
+        output = torch.ops.deepseek_moe.fp8_grouped_rows(rows, weight[None], scale_inv[None], ends, 1, *block).view(*x.shape[:-1], weight.shape[0])
         return output if bias is None else output + bias
 
     def product(v: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -142,7 +142,7 @@ class ExpertChunkLora(nn.Module, LoraLayer):
                 continue
             a, b = expert_range(factor_a[adapter], experts), expert_range(factor_b[adapter], experts)
             dropout = self.lora_dropout[adapter]
-            if torch.is_grad_enabled() and rows.dtype != a.dtype:
+            if torch.is_grad_enabled() and rows.element_size() < a.element_size() and (rows.requires_grad or a.requires_grad):
                 # Rows in a lower precision than the adapters (bf16 rows, float32 adapters as PEFT makes them):
                 # autograd keeps the rows as they are and casts them again in the backward, not a float32 copy
                 # (41 KB less per token and MoE layer at V2-Lite's widths; the rank-r product is recomputed).

@@ -6,14 +6,15 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
-
-from modeling_deepseek_moe.synthetic import random_official_state, tiny_official_config, write_official_checkpoint
-
 # transformers >= 5.25 kernelizes its own models at from_pretrained with layers fetched from the Hub (and refuses
-# to load them without the `kernels` package): the native references load as they are, offline, like ours.
+# to load them without the `kernels` package): the native references load as they are, offline, like ours. Set
+# before transformers is imported, whenever a release reads it.
 os.environ["USE_HUB_KERNELS"] = "0"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from modeling_deepseek_moe.synthetic import random_official_state, tiny_official_config, write_official_checkpoint  # noqa: E402
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

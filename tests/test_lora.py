@@ -92,12 +92,15 @@ def test_expert_adapter_equals_merged_weight_per_expert(official_checkpoint, mon
     assert relative_error(adapted_range, adapted[10:28]) < 1e-6
 
 
-def test_expert_adapters_keep_the_rows_not_a_float32_copy_for_the_backward(official_checkpoint, monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_expert_adapters_keep_the_rows_not_a_float32_copy_for_the_backward(official_checkpoint, monkeypatch, dropout):
     """bf16 rows through float32 adapters (PEFT makes them float32): autograd keeps no float32 copy of the rows
-    (the rank-r product is recomputed from them in the backward), and the gradients are the plain product's."""
-    _, model = lora_model(official_checkpoint, "v2", targets=("experts",))
-    layer = next(m for m in model.modules() if isinstance(m, ExpertChunkLora))
+    (the rank-r product is recomputed from them in the backward, with the same dropout mask), and the gradients
+    are the plain product's."""
+    _, model = lora_model(official_checkpoint, "v2", targets=("experts",), lora_dropout=dropout)
+    layer = next(m for m in model.modules() if isinstance(m, ExpertChunkLora)).train()
     layer.get_base_layer().to(torch.bfloat16)
+    rank = layer.r["default"]
     adapters = [p for p in layer.parameters() if p.requires_grad]
     assert adapters and all(p.dtype == torch.float32 for p in adapters)
     rows = torch.randn(40, 64, dtype=torch.bfloat16, requires_grad=True)
@@ -106,12 +109,13 @@ def test_expert_adapters_keep_the_rows_not_a_float32_copy_for_the_backward(offic
 
     def float_copies_kept_and_gradients():
         saved = []
+        torch.manual_seed(1)  # the same dropout mask in both runs
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             output = layer(rows, offsets, weights)
         gradients = torch.autograd.grad(output.float().square().sum(), [rows, *adapters])
         # a float32 tensor of a row per assignment and more than the rank's width: a copy of the rows (or of
         # the intermediate rows the down projection reads)
-        copies = [t for t in saved if t.dtype == torch.float32 and 40 in t.shape and t.numel() > 40 * 4]
+        copies = [t for t in saved if t.dtype == torch.float32 and 40 in t.shape and t.numel() > 40 * rank]
         return copies, gradients
 
     copies, gradients = float_copies_kept_and_gradients()

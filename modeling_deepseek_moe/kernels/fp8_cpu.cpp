@@ -420,7 +420,7 @@ class FloatRows {
                 "rows: float32 or bfloat16 [..., in]");
     leading_ = rows.sizes().vec();
     leading_.pop_back();
-    rows_ = rows.reshape({-1, rows.size(-1)}).contiguous();
+    rows_ = rows.reshape({c10::multiply_integers(leading_), rows.size(-1)}).contiguous();
     if (rows_.scalar_type() == at::kFloat) {
       data_ = rows_.data_ptr<float>();
       return;
@@ -506,7 +506,10 @@ std::vector<int64_t> group_ends(const std::optional<at::Tensor>& ends, int64_t g
 }
 
 // Rows of x [..., in]: every leading dimension counted.
-int64_t row_count(const at::Tensor& rows) { return rows.size(-1) == 0 ? 0 : rows.numel() / rows.size(-1); }
+int64_t row_count(const at::Tensor& rows) {
+  TORCH_CHECK(rows.dim() >= 1, "rows: [..., in]");
+  return c10::multiply_integers(rows.sizes().begin(), rows.sizes().end() - 1);
+}
 
 // Zeroes the rows of y [..., out] that no group holds.
 void zero_rows_past(at::Tensor& y, const std::vector<int64_t>& ends) {
