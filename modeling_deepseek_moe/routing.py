@@ -22,11 +22,13 @@ from .linear import float32_linear
 NORMALISATION_EPSILON = 1e-20  # added to the sum of a token's top-k weights before dividing by it
 
 
-def tokens_per_expert(topk_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``[num_experts]`` int64 counts of the assignments ``topk_indices`` ``[tokens, top_k]``. (A scatter-add,
-    not ``bincount``, whose output size depends on the values: compile and export need a static shape.)"""
-    flat = topk_indices.reshape(-1)
-    return flat.new_zeros(num_experts).index_add_(0, flat, torch.ones_like(flat))
+def tokens_per_expert(topk_indices: torch.Tensor, num_experts: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[num_experts]`` counts of the assignments ``topk_indices`` ``[tokens, top_k]``: int64, or counted in place
+    into ``out`` (any dtype and device; the router statistics' float32 buffers). (A scatter-add, not ``bincount``,
+    whose output size depends on the values: compile and export need a static shape.)"""
+    counts = topk_indices.new_zeros(num_experts) if out is None else out.zero_()
+    flat = topk_indices.reshape(-1).to(counts.device)
+    return counts.index_add_(0, flat, torch.ones(flat.shape, dtype=counts.dtype, device=counts.device))
 
 
 class RouterOutput(NamedTuple):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .routing import RouterOutput, TopKRouter
+from .routing import RouterOutput, TopKRouter, tokens_per_expert
 
 _TRAINING_MODELS: weakref.WeakSet = weakref.WeakSet()
 _OPTIMIZER_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -56,9 +56,7 @@ def _count_loads(router: TopKRouter, args, output: RouterOutput) -> None:
     into the float32 buffer in place (no autograd: neither the buffer nor the ones need gradients): three tensor
     operations where counting in int64 and copying took six (bench_fp8.py's model, one token: 0.986x the
     forward's time; the hooks cost 2-5% of it in all)."""
-    load = router.last_forward_load
-    indices = output.topk_indices.reshape(-1).to(load.device)
-    load.zero_().index_add_(0, indices, torch.ones(indices.shape, dtype=load.dtype, device=load.device))
+    load = tokens_per_expert(output.topk_indices, router.num_experts, out=router.last_forward_load)
     if router.training and not _inside_backward():
         router.step_load += load.to(router.step_load.device)
 
