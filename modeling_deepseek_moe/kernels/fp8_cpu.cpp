@@ -12,7 +12,7 @@
 // With bf16 rows, where the CPU has AVX512-FP16, the products are float16 instead (dot_block_half: 32
 // weights per instruction, a third of the micro-ops per weight; partial sums moved into float32 every 256
 // weights), within bf16's rounding of the exact product: the loop then streams FP8 at memory speed. Without
-// AVX512-FP16 but with avx512_bf16 (AMD Zen 4 and 5), bf16 rows of a few per weight take bf16 dot products
+// AVX512-FP16 but with avx512_bf16 (AMD Zen 4 and 5), bf16 rows take bf16 dot products
 // instead (dot_block_bf16: the weights made bf16 exactly by table lookups, exact products, float32 sums).
 // The same loops read bfloat16 stacks too (bf16_grouped_gemv: a bf16 model's routed experts when decoding).
 #include <torch/extension.h>
@@ -135,8 +135,10 @@ constexpr int64_t kMaxRows = 16;  // rows of one group processed together (each 
 
 // Dot products of R weight rows with M rows of scaled x: R x M accumulators in registers. Each 16 weights
 // are converted once and used for the M rows, each 16 values of x loaded once for the R weight rows. The
-// loop steps a cache line of weights at a time, prefetching the next block's rows: weights stream from
-// memory once. (A prefetch under a branch inside the vector loop made GCC store every accumulator to the
+// loop steps a cache line of weights at a time, prefetching the next block's rows into L1 and the block four
+// ahead into L2: weights stream from memory once, with enough lines in flight to keep the memory busy (on an
+// AMD EPYC Zen 4, weights from memory: one bf16 row through 1024 x 1024 FP8 weights 0.75x the time, bf16
+// weights 0.71x, against the next block alone). (A prefetch under a branch inside the vector loop made GCC store every accumulator to the
 // stack at each step: 1.1-1.2x slower with AVX2 at one row; with AVX-512 it made no difference.)
 template <int R, int M, typename W, typename Out>
 inline void dot_block(const W* rows, const float* scaled, int64_t in, Out* out, int64_t out_stride) {
@@ -161,6 +163,7 @@ inline void dot_block(const W* rows, const float* scaled, int64_t in, Out* out, 
   int64_t i = 0;
   for (; i + kLine <= in; i += kLine) {
     for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows + (R + r) * in + i), _MM_HINT_T0);
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows + (4 * R + r) * in + i), _MM_HINT_T1);
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kLine; k += 2 * kLanes) step_pair(i + k);
   }
@@ -266,6 +269,7 @@ inline void dot_block_bf16(const uint8_t* rows, const uint16_t* x, int64_t in, c
     for (int64_t i = b * block_i; i < end; i += kDotChunk) {
       for (int r = 0; r < R; ++r) {  // a row's weights converted, then used: few registers live
         _mm_prefetch(reinterpret_cast<const char*>(rows + (R + r) * in + i), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(rows + (4 * R + r) * in + i), _MM_HINT_T1);  // as dot_block
         __m512i first, second;
         load_bf16_pair(rows + r * in + i, tables, first, second);
         for (int j = 0; j < M; ++j)
@@ -569,11 +573,9 @@ at::Tensor fp8_product(const at::Tensor& weight, const at::Tensor& scale, const 
   std::vector<float> maxima(half ? n * scale_cols : 0);
   for (int64_t r = 0; half && r < n; ++r) block_maxima(xp + r * in, in, block_i, &maxima[r * scale_cols]);
 #elif defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-  // bf16 dot products where the blocks are whole chunks, for tiles of several rows (see below): x permuted only
-  // where such a tile exists (decoding one token has none), left uninitialised otherwise
+  // bf16 dot products where the blocks are whole chunks (x permuted once per call)
   const uint16_t* bf16_x = x.bf16_bits();
-  const bool dot = bf16_x != nullptr && in % kDotChunk == 0 && block_i % kDotChunk == 0 &&
-                   std::any_of(tiles.begin(), tiles.end(), [](const Tile& tile) { return tile.rows > 1; });
+  const bool dot = bf16_x != nullptr && in % kDotChunk == 0 && block_i % kDotChunk == 0 && !tiles.empty();
   std::unique_ptr<uint16_t[]> permuted(dot ? new uint16_t[n * in] : nullptr);
   for (int64_t r = 0; dot && r < n; ++r) permute_for_dot(bf16_x + r * in, in, permuted.get() + r * in);
   static const Fp8ToBf16Tables tables = fp8_to_bf16_tables();
@@ -604,7 +606,10 @@ at::Tensor fp8_product(const at::Tensor& weight, const at::Tensor& scale, const 
           continue;
         }
 #elif defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-        if (dot && tile.rows > 1) {  // one row streams no faster by dot products (3-7% slower, from memory)
+        // one row too: on a Zen 4 (AVX-512 in two halves) the float32 loop's conversions bound it below the memory's
+        // rate (one bf16 row through FP8 weights of bench_fp8.py's projections from memory: 0.75-0.90x the time with
+        // dot products, both with the L2 prefetch); on a Zen 5, before that prefetch, dot products were 3-7% slower
+        if (dot) {
           const uint16_t* tile_x = permuted.get() + tile.first_row * in;
           // R x M sums and as many partial sums: at most 16 + 16 of the 32 registers, tables and weights too
           for_each_block<2, 4, 8>(tile.rows, o0, tile.out_end, [&](auto r, auto m, int64_t row, int64_t j) {
