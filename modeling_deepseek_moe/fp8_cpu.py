@@ -104,13 +104,14 @@ def _build():
         return None
 
 
-def serves(x: torch.Tensor, rows_per_weight: int) -> bool:
-    """Whether the kernel computes this product (eagerly or as an operator of a compiled graph): CPU activations
-    that need no gradient (the weights are frozen; training goes through the dequantize path), at most
-    ``MAX_ROWS`` rows against each weight."""
-    if x.device.type != "cpu" or rows_per_weight > MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad):
-        return False
-    return kernel() is not None
+def serving_kernel(x: torch.Tensor, rows_per_weight: int):
+    """The kernel (:func:`kernel`: its module, or its operators in a compiled graph) where it computes this
+    product, else None: CPU activations that need no gradient (the weights are frozen; training goes through
+    the dequantize path), at most ``MAX_ROWS`` rows against each weight. (The kernel found is returned, not
+    looked up again by the caller: a decoded token makes ~60 such calls, and each Python step shows.)"""
+    if x.device.type != "cpu" or rows_per_weight > MAX_ROWS or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    return kernel()
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16)
@@ -122,7 +123,10 @@ def serves_eagerly(*tensors: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or _module() is None:
         return False
     grad = torch.is_grad_enabled()
-    return all(t.device.type == "cpu" and t.dtype in FLOAT_DTYPES and not (grad and t.requires_grad) for t in tensors)
+    for t in tensors:  # a loop, not all() over a generator: ~40 calls per decoded token
+        if t.device.type != "cpu" or t.dtype not in FLOAT_DTYPES or (grad and t.requires_grad):
+            return False
+    return True
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -163,9 +167,9 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, sigmoid: bool, group_
 
 def decode_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor | None,
                    part_rows: int, block: tuple[int, int], rows_per_weight: int) -> torch.Tensor | None:
-    """:func:`grouped_rows_product` where the kernel :func:`serves` this product, else None (the caller
-    dequantizes)."""
-    if not serves(rows, rows_per_weight):
+    """:func:`grouped_rows_product` where the kernel serves this product (:func:`serving_kernel`), else None (the
+    caller dequantizes)."""
+    if serving_kernel(rows, rows_per_weight) is None:
         return None
     return grouped_rows_product(weight, scale_inv, rows, ends, part_rows, block)
 
@@ -173,11 +177,12 @@ def decode_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Te
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor | None:
     """``x`` ``[..., in]`` (float32 or bf16) through one FP8 projection ``weight`` ``[out, in]`` with its
     ``scale_inv`` -> ``[..., out]`` in x's dtype, as the kernel takes them (no reshape here: a decoded token makes
-    dozens of these calls, and each Python step shows), where the kernel :func:`serves` (at most ``MAX_ROWS``
+    dozens of these calls, and each Python step shows), where the kernel serves (:func:`serving_kernel`: at most ``MAX_ROWS``
     rows), else None."""
-    if not serves(x, x.numel() // max(x.shape[-1], 1)):
+    module = serving_kernel(x, x.numel() // max(x.shape[-1], 1))
+    if module is None:
         return None
-    return kernel().fp8_grouped_gemv(weight.contiguous(), scale_inv, x, None, weight.shape[0], block[0], block[1])
+    return module.fp8_grouped_gemv(weight.contiguous(), scale_inv, x, None, weight.shape[0], block[0], block[1])
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: tuple[int, int],
@@ -211,11 +216,12 @@ def bf16_grouped_product(weight: torch.Tensor, rows: torch.Tensor, ends: torch.T
     """``rows`` ``[n, in]`` grouped by expert (``ends``: cumulative rows per expert) through the bfloat16
     stacks ``weight`` ``[experts, out, in]`` -> ``[n, out]`` in the rows' dtype, every expert in one kernel
     call (one ``torch.mv`` per expert reads the weights ~20% slower); a weight ``[out, in]`` and ``ends``
-    None: one projection. None where the kernel does not serve (:func:`serves`, with all ``n`` rows counted
+    None: one projection. None where the kernel does not serve (:func:`serving_kernel`, with all ``n`` rows counted
     against each weight)."""
-    if weight.dtype != torch.bfloat16 or weight.stride(-1) != 1 or weight.stride(-2) != weight.shape[-1] or not serves(rows, len(rows)):
+    if weight.dtype != torch.bfloat16 or weight.stride(-1) != 1 or weight.stride(-2) != weight.shape[-1]:
         return None
-    return kernel().bf16_grouped_gemv(weight, rows, ends)
+    module = serving_kernel(rows, len(rows))
+    return None if module is None else module.bf16_grouped_gemv(weight, rows, ends)
 
 
 def routed_mixture(hidden: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
@@ -226,12 +232,13 @@ def routed_mixture(hidden: torch.Tensor, topk_indices: torch.Tensor, topk_weight
     hidden]`` and ``down`` ``[experts, hidden, intermediate]``, FP8 with their scales and ``block``, or bf16
     with None), weighted by ``topk_weights`` and summed: what the dispatcher and
     :meth:`.experts.ExpertChunk.forward` compute, with the same numbers, without their ~20 Python-level calls
-    per layer. None where the kernel does not serve (:func:`serves`, weights neither FP8 nor bf16, activations
+    per layer. None where the kernel does not serve (:func:`serving_kernel`, weights neither FP8 nor bf16, activations
     neither float32 nor bf16)."""
-    if (gate_up.dtype not in (torch.float8_e4m3fn, torch.bfloat16) or hidden.dtype not in (torch.float32, torch.bfloat16)
-            or not serves(hidden, len(hidden))):
+    module = None if gate_up.dtype not in (torch.float8_e4m3fn, torch.bfloat16) or hidden.dtype not in FLOAT_DTYPES \
+        else serving_kernel(hidden, len(hidden))
+    if module is None:
         return None
-    return kernel().routed_mixture(hidden, topk_indices, topk_weights, gate_up, gate_up_scale, down, down_scale,
+    return module.routed_mixture(hidden, topk_indices, topk_weights, gate_up, gate_up_scale, down, down_scale,
                                    *(block or (0, 0)))
 
 
@@ -247,19 +254,20 @@ def head_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor | None, bloc
     per_head, cols = weight.shape[0] // heads, weight.shape[1]
     if scale_inv is None and weight.dtype != torch.bfloat16:
         return None
-    if transposed and cols % 16 or not serves(x, batch * seq):  # the transposed kernels work in whole vectors
+    module = None if transposed and cols % 16 else serving_kernel(x, batch * seq)  # the transposed kernels: whole vectors
+    if module is None:
         return None
     slices = weight.view(heads, per_head, cols)[:, first : first + count]  # views: groups lie apart
     inputs = x.transpose(0, 1).reshape(heads * batch * seq, x.shape[-1])
     ends = torch.arange(1, heads + 1) * (batch * seq)
     if scale_inv is None:
-        output = (kernel().bf16_grouped_gemv_transposed if transposed else kernel().bf16_grouped_gemv)(slices, inputs, ends)
+        output = (module.bf16_grouped_gemv_transposed if transposed else module.bf16_grouped_gemv)(slices, inputs, ends)
     else:
         if any(rows % block[0] for rows in (per_head, first, count)) or (transposed and block[1] % 16):
             return None
         scales = scale_inv.view(heads, per_head // block[0], -1)[:, first // block[0] : (first + count) // block[0]]
         if transposed:
-            output = kernel().fp8_grouped_gemv_transposed(slices, scales, inputs, ends, block[0], block[1])
+            output = module.fp8_grouped_gemv_transposed(slices, scales, inputs, ends, block[0], block[1])
         else:
-            output = kernel().fp8_grouped_gemv(slices, scales, inputs, ends, count, block[0], block[1])
+            output = module.fp8_grouped_gemv(slices, scales, inputs, ends, count, block[0], block[1])
     return output.view(heads, batch, seq, -1).transpose(0, 1)
