@@ -216,11 +216,11 @@ def bf16_grouped_product(weight: torch.Tensor, rows: torch.Tensor, ends: torch.T
     """``rows`` ``[n, in]`` grouped by expert (``ends``: cumulative rows per expert) through the bfloat16
     stacks ``weight`` ``[experts, out, in]`` -> ``[n, out]`` in the rows' dtype, every expert in one kernel
     call (one ``torch.mv`` per expert reads the weights ~20% slower); a weight ``[out, in]`` and ``ends``
-    None: one projection. None where the kernel does not serve (:func:`serving_kernel`, with all ``n`` rows counted
-    against each weight)."""
+    None: one projection, of rows ``[..., in]`` -> ``[..., out]``. None where the kernel does not serve
+    (:func:`serving_kernel`, with all the rows counted against each weight)."""
     if weight.dtype != torch.bfloat16 or weight.stride(-1) != 1 or weight.stride(-2) != weight.shape[-1]:
         return None
-    module = serving_kernel(rows, len(rows))
+    module = serving_kernel(rows, rows.numel() // max(rows.shape[-1], 1))
     return None if module is None else module.bf16_grouped_gemv(weight, rows, ends)
 
 

@@ -1,10 +1,12 @@
-"""Linear layers for decoding on the CPU: a product of one bf16 (or fp16) row runs as a matrix-vector product.
+"""Linear layers for decoding on the CPU: a product of a few bf16 (or fp16) rows runs as matrix-vector products.
 
-torch 2.13's CPU ``F.linear`` sends a single bf16 row through its GEMM path, which reads the weight at ~21
-GB/s on this project's machine; ``torch.mv`` reads it at ~26 GB/s from memory and faster from cache: 0.57-0.82x
-the time for DeepSeek's projection shapes, the same numbers (``benchmarks/bench_e2e.py``'s profile; float32
-runs the same either way). A decoding step of one sequence is made of such products. Where the CPU decode
-kernel is built, bf16 rows go through it instead: one more 10-30% (it streams the weight at ~30 GB/s).
+torch 2.13's CPU ``F.linear`` sends one or a few bf16 rows through its GEMM path, which reads the weight at ~21
+GB/s for one row on this project's Xeon, and at a third to half the decode kernel's rate for 2-8 rows on an AMD
+EPYC Zen 4; ``torch.mv`` reads one row's weight at ~26 GB/s from memory and faster from cache: 0.57-0.82x the
+time for DeepSeek's projection shapes, the same numbers (``benchmarks/bench_e2e.py``'s profile; float32 runs the
+same either way). A decoding step is made of such products. Where the CPU decode kernel is built, bf16 rows go
+through it instead: one more 10-30% for one row (it streams the weight at ~30 GB/s), and up to ``FEW_ROWS`` rows
+(a few sequences decoded together, or a few draft tokens) in one call.
 """
 
 from __future__ import annotations
@@ -18,23 +20,31 @@ from .fp8_cpu import bf16_grouped_product
 HALF_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` is one half-precision row on the CPU without gradients."""
+# Up to this many half-precision rows the decode kernel serves (bf16 weights of 384 x 1024 to 16384 x 1024 from
+# memory, AMD EPYC Zen 4: 0.33-0.55x torch's time at 1 to 8 rows, 0.62-0.70x at 16; not measured against an
+# Intel Xeon's AMX GEMM, whose tiles are 16 rows, hence 8).
+FEW_ROWS = 8
+
+
+def few_half_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` is one to ``FEW_ROWS`` half-precision rows on the CPU without gradients."""
     return (x.device.type == "cpu" and x.dtype in HALF_PRECISION and weight.dtype == x.dtype
-            and x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and 0 < x.numel() <= FEW_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; one half-precision row on the CPU as :func:`matrix_vector` (compiled:
-    the kernel's operator, or an opaque operator running ``torch.mv``, since Inductor would generate its own
-    loop)."""
-    if not one_row(x, weight):
+    """``F.linear(x, weight, bias)``; a few half-precision rows on the CPU (:func:`few_half_rows`) by the decode kernel
+    (:func:`.fp8_cpu.bf16_grouped_product`), else one row as :func:`matrix_vector` (compiled: an opaque operator
+    running ``torch.mv``, since Inductor would generate its own loop)."""
+    if not few_half_rows(x, weight):
         return F.linear(x, weight, bias)
-    output = bf16_grouped_product(weight, x.reshape(1, -1), None)
+    output = bf16_grouped_product(weight, x, None)  # [..., out]
     if output is None:  # no kernel (matrix_vector would only ask it again)
+        if x.numel() != x.shape[-1]:
+            return F.linear(x, weight, bias)
         product = torch.ops.deepseek_moe.matrix_vector if torch.compiler.is_compiling() else torch.mv
-        output = product(weight, x.reshape(-1))
-    output = output.view(*x.shape[:-1], weight.shape[0])
+        output = product(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     return output if bias is None else output + bias
 
 
@@ -59,9 +69,9 @@ def float32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     copy of the weight that ``weight.float()`` makes at every call cost more than the product itself."""
     rows = x.float()
     if weight.dtype == torch.bfloat16:
-        output = bf16_grouped_product(weight, rows.reshape(-1, rows.shape[-1]), None)
+        output = bf16_grouped_product(weight, rows, None)
         if output is not None:
-            return output.view(*x.shape[:-1], weight.shape[0])
+            return output
     return F.linear(rows, weight.float())
 
 
