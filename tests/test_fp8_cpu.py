@@ -304,23 +304,24 @@ def test_bf16_decode_sized_expert_products_go_through_the_kernel(decode_kernel, 
     assert fp8_cpu.bf16_grouped_product(weight, torch.randn(more, 32).bfloat16(), torch.full((8,), more)) is None
 
 
-def test_one_bf16_row_goes_through_the_kernel_eager_and_compiled(decode_kernel, monkeypatch):
+@pytest.mark.parametrize("rows", [1, 4])  # 4: the bf16 dot products where the CPU has them
+def test_few_bf16_rows_go_through_the_kernel_eager_and_compiled(decode_kernel, monkeypatch, rows):
     from modeling_deepseek_moe import linear
 
     calls = []
     monkeypatch.setattr(linear, "bf16_grouped_product", lambda *args: calls.append(args) or fp8_cpu.bf16_grouped_product(*args))
     layer = linear.Linear(300, 200).to(torch.bfloat16)
-    x = torch.randn(1, 1, 300, dtype=torch.bfloat16)
+    x = torch.randn(1, rows, 300, dtype=torch.bfloat16)
     with torch.no_grad():
         eager = layer(x)
         assert len(calls) == 1
-        compiled = torch.compile(layer, fullgraph=True)(x)  # the opaque operator runs matrix_vector
+        compiled = torch.compile(layer, fullgraph=True)(x)  # (traced once: the kernel's operator in the graph)
         assert len(calls) == 2
     assert torch.equal(eager, compiled)
     assert relative_error(eager, torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())) < 2**-8
 
 
-@pytest.mark.parametrize("tokens", [1, 2])  # tiny V3: 16 experts, top-4 (2 tokens: 8 rows, still decode-sized)
+@pytest.mark.parametrize("tokens", [1, 2, 12])  # tiny V3: 16 experts, top-4 (12 tokens: 48 rows, several per expert)
 def test_decode_mixture_in_one_call_equals_the_dispatcher(decode_kernel, tmp_path, monkeypatch, tokens):
     """A decoding step's routed mixture in one kernel call (fp8_cpu.routed_mixture) against the dispatcher's
     steps: the same numbers for FP8 experts (the same products and aten operations in the same order); for bf16
@@ -352,7 +353,7 @@ def test_decode_mixture_in_one_call_equals_the_dispatcher(decode_kernel, tmp_pat
         assert output.dtype == torch.bfloat16 and relative_error(output.double(), expected) < 2e-2  # bf16 steps
 
 
-def test_decode_mixture_served_only_for_decode_sized_batches_without_gradients(decode_kernel, tmp_path):
+def test_decode_mixture_served_only_up_to_max_rows_tokens_without_gradients(decode_kernel, tmp_path):
     write_fp8_official_checkpoint(tmp_path, "v3")
     moe = DeepseekMoEV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, fp8_compute="dequantize").model.layers[1].mlp
     chunk = moe.experts.chunks[0]
@@ -363,7 +364,8 @@ def test_decode_mixture_served_only_for_decode_sized_batches_without_gradients(d
         return chunk.decode_mixture(hidden, routing.topk_indices, routing.topk_weights) is not None
 
     with torch.no_grad():
-        assert served(2) and not served(3)  # 3 tokens x top-4 over 16 experts: the GEMM-sized path
+        assert served(2) and served(fp8_cpu.MAX_ROWS)  # (up to MAX_ROWS rows against an expert's weights)
+        assert not served(fp8_cpu.MAX_ROWS + 1)  # the dispatcher's products
     assert not served(1, grad=True)
     chunk.fp8["mode"] = "scaled"  # FP8-emulated activations go through the dispatcher's products
     with torch.no_grad():
