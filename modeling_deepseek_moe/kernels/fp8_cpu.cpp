@@ -132,6 +132,18 @@ inline void store_scalar(uint16_t* p, float v) {  // float32 -> bfloat16, neares
   *p = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
+// a float as T: float32 as it is, bfloat16 bits rounded to nearest even (store_scalar's rounding)
+template <typename T>
+inline T rounded(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    T bits;
+    store_scalar(&bits, v);
+    return bits;
+  }
+}
+
 constexpr int64_t kMaxRows = 16;  // rows of one group processed together (each weight read once for them)
 
 // Dot products of R weight rows with M rows of scaled x: R x M accumulators in registers. Each 16 weights
@@ -727,7 +739,8 @@ at::Tensor bf16_grouped_gemv(const at::Tensor& weight, const at::Tensor& rows, c
 // tokens without gradients (a Python call between each step costs more than the step): the (token, expert)
 // assignments grouped by expert, stably; each token's row through its experts' gate/up projection;
 // SiLU(gate) * up * mixing weight; the down projection; the results added to their tokens in that order.
-// The same aten operations for all but the products (hence the same numbers). Weights: stacked [experts,
+// The same numbers as the dispatcher's aten operations: SiLU is aten's, the gather, the roundings of the
+// multiplications and index_add_'s float32 sums are loops here. Weights: stacked [experts,
 // out, in], FP8 with their block scales (the gate's and the up projection's grids stacked) or bf16 (no
 // scales); hidden [n, h] float32 or bf16; topk_indices int64 and topk_weights (float) [n, top_k].
 at::Tensor routed_mixture(const at::Tensor& hidden, const at::Tensor& topk_indices, const at::Tensor& topk_weights,
@@ -754,15 +767,49 @@ at::Tensor routed_mixture(const at::Tensor& hidden, const at::Tensor& topk_indic
   std::vector<int64_t> next(experts);
   for (int64_t e = 0; e < experts; ++e) next[e] = e == 0 ? 0 : end[e - 1];
   for (int64_t a = 0; a < assignments; ++a) position[next[expert_of[a]]++] = a;
-  const at::Tensor token = order.div(top_k, "floor");
-  const at::Tensor rows = hidden.index_select(0, token);
+  // each assignment's token, its row of hidden and its mixing weight in the activations' dtype (index_select and
+  // .to(), without their aten calls: a decoded token's MoE layer made ~10 aten calls of 5-25 us around its products)
+  const at::Tensor h = hidden.contiguous();
+  const int64_t width = h.size(1), item = h.element_size();
+  at::Tensor rows = at::empty({assignments, width}, h.options());
+  std::vector<int64_t> token(assignments);
+  for (int64_t a = 0; a < assignments; ++a) {
+    token[a] = position[a] / top_k;
+    std::memcpy(static_cast<char*>(rows.data_ptr()) + a * width * item,
+                static_cast<const char*>(h.data_ptr()) + token[a] * width * item, width * item);
+  }
   const at::Tensor gate_up_rows = gate_up_scale.has_value()
       ? fp8_product(gate_up, *gate_up_scale, rows, end, intermediate, block_o, block_i) : bf16_product(gate_up, rows, end);
-  const at::Tensor weights = topk_weights.reshape(-1).index_select(0, order).to(gate_up_rows.scalar_type()).unsqueeze(1);
-  const at::Tensor activated = at::silu(gate_up_rows.narrow(1, 0, intermediate)).mul_(gate_up_rows.narrow(1, intermediate, intermediate)).mul_(weights);
+  const at::Tensor mixing = topk_weights.to(at::kFloat).contiguous();
+  // SiLU(gate) * up * weight, rounded to the activations' dtype after each step as the aten calls round
+  at::Tensor activated = at::silu(gate_up_rows.narrow(1, 0, intermediate)).contiguous();
+  with_data(activated, [&](auto* act) {
+    using T = std::remove_pointer_t<decltype(act)>;
+    const T* up = reinterpret_cast<const T*>(gate_up_rows.data_ptr()) + intermediate;
+    for (int64_t a = 0; a < assignments; ++a) {
+      const float weight = to_float(rounded<T>(mixing.data_ptr<float>()[position[a]]));
+      T* row = act + a * intermediate;
+      const T* up_row = up + a * 2 * intermediate;
+      for (int64_t i = 0; i < intermediate; ++i)
+        row[i] = rounded<T>(to_float(rounded<T>(to_float(row[i]) * to_float(up_row[i]))) * weight);
+    }
+  });
   const at::Tensor outputs = down_scale.has_value()
       ? fp8_product(down, *down_scale, activated, end, down.size(1), block_o, block_i) : bf16_product(down, activated, end);
-  return at::zeros_like(hidden).index_add_(0, token, outputs.to(hidden.scalar_type()));
+  // the outputs added to their tokens in the assignments' order in float32, then rounded once (index_add_'s numbers)
+  std::vector<float> sums(h.size(0) * width, 0.0f);
+  at::Tensor mixed = at::empty_like(h);
+  with_data(mixed, [&](auto* y) {
+    using T = std::remove_pointer_t<decltype(y)>;
+    const T* source = reinterpret_cast<const T*>(outputs.data_ptr());
+    for (int64_t a = 0; a < assignments; ++a) {
+      float* target = sums.data() + token[a] * width;
+      const T* row = source + a * width;
+      for (int64_t i = 0; i < width; ++i) target[i] += to_float(row[i]);
+    }
+    for (int64_t i = 0; i < h.size(0) * width; ++i) y[i] = rounded<T>(sums[i]);
+  });
+  return mixed;
 }
 
 // The transposed product, y[r, :] = sum_k x[r, k] * W[g, k, :] (MLA's queries folded into the latent space
