@@ -132,15 +132,15 @@ inline void store_scalar(uint16_t* p, float v) {  // float32 -> bfloat16, neares
   *p = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
-// a float as T: float32 as it is, bfloat16 bits rounded to nearest even (store_scalar's rounding)
+// v as the dtype T stores it (float32: itself; bfloat16: rounded to nearest even), as float32.
 template <typename T>
-inline T rounded(float v) {
+inline float in_dtype(float v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
   } else {
-    T bits;
+    uint16_t bits;
     store_scalar(&bits, v);
-    return bits;
+    return to_float(bits);
   }
 }
 
@@ -787,11 +787,10 @@ at::Tensor routed_mixture(const at::Tensor& hidden, const at::Tensor& topk_indic
     using T = std::remove_pointer_t<decltype(act)>;
     const T* up = reinterpret_cast<const T*>(gate_up_rows.data_ptr()) + intermediate;
     for (int64_t a = 0; a < assignments; ++a) {
-      const float weight = to_float(rounded<T>(mixing.data_ptr<float>()[position[a]]));
+      const float weight = in_dtype<T>(mixing.data_ptr<float>()[position[a]]);
       T* row = act + a * intermediate;
       const T* up_row = up + a * 2 * intermediate;
-      for (int64_t i = 0; i < intermediate; ++i)
-        row[i] = rounded<T>(to_float(rounded<T>(to_float(row[i]) * to_float(up_row[i]))) * weight);
+      for (int64_t i = 0; i < intermediate; ++i) store_scalar(row + i, in_dtype<T>(to_float(row[i]) * to_float(up_row[i])) * weight);
     }
   });
   const at::Tensor outputs = down_scale.has_value()
@@ -807,7 +806,7 @@ at::Tensor routed_mixture(const at::Tensor& hidden, const at::Tensor& topk_indic
       const T* row = source + a * width;
       for (int64_t i = 0; i < width; ++i) target[i] += to_float(row[i]);
     }
-    for (int64_t i = 0; i < h.size(0) * width; ++i) y[i] = rounded<T>(sums[i]);
+    for (int64_t i = 0; i < h.size(0) * width; ++i) store_scalar(y + i, sums[i]);
   });
   return mixed;
 }
@@ -906,17 +905,6 @@ at::Tensor fp8_dequantize(const at::Tensor& weight, const at::Tensor& scale, int
 // The elementwise work around a decoded token's products, one call each instead of ~10 aten calls (each a few
 // microseconds, as long as a decoding product): RMSNorm and MLA's interleaved RoPE.
 
-// v as the dtype T stores it (float32: itself; bfloat16: rounded to nearest even), as float32.
-template <typename T>
-inline float in_dtype(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    uint16_t bits;
-    store_scalar(&bits, v);
-    return to_float(bits);
-  }
-}
 template <typename T>
 inline Vec in_dtype(Vec v) {
   if constexpr (std::is_same_v<T, float>) {
