@@ -3,6 +3,7 @@ read one byte per weight, equal to the product with the dequantized float32 weig
 
 from __future__ import annotations
 
+import copy
 import platform
 import shutil
 
@@ -319,6 +320,35 @@ def test_few_bf16_rows_go_through_the_kernel_eager_and_compiled(decode_kernel, m
         assert len(calls) == 2
     assert torch.equal(eager, compiled)
     assert relative_error(eager, torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())) < 2**-8
+
+
+@pytest.mark.parametrize("batch", [4, 8])  # 4 and 8 rows per projection: the bf16 dot products
+def test_bf16_batched_decoding_steps_go_through_the_kernel_and_equal_torchs_products(decode_kernel, official_checkpoint,
+                                                                                      monkeypatch, batch):
+    """A few sequences decoded together in bf16: every projection's rows and the routed mixture in one kernel call
+    each, the step's logits within bf16's rounding of the same model through F.linear and the dispatcher (float32
+    sums of the same products in another order), the same greedy tokens."""
+    from modeling_deepseek_moe import experts, linear
+
+    rows, mixtures = [], []
+    monkeypatch.setattr(linear, "bf16_grouped_product", lambda weight, x, ends: rows.append(x.numel() // x.shape[-1])
+                        or fp8_cpu.bf16_grouped_product(weight, x, ends))
+    monkeypatch.setattr(experts, "routed_mixture", lambda *args: mixtures.append(len(args[0])) or fp8_cpu.routed_mixture(*args))
+    directory, _, _ = official_checkpoint("v3")
+    model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+    ids = torch.randint(3, 256, (batch, 6), generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        prefill = model(ids, use_cache=True)
+        step_ids = prefill.logits[:, -1:].argmax(-1)
+        rows.clear(), mixtures.clear()
+        fused = model(step_ids, past_key_values=copy.deepcopy(prefill.past_key_values)).logits[:, -1].float()
+        assert rows and set(rows) == {batch}  # every bf16 projection of the step: one kernel call for the batch
+        assert mixtures == [batch] * (model.config.num_hidden_layers - model.config.first_k_dense_replace)
+        monkeypatch.setattr(linear, "FEW_ROWS", 0)  # F.linear
+        monkeypatch.setattr(experts, "routed_mixture", lambda *args: None)  # the dispatcher's products
+        stepwise = model(step_ids, past_key_values=prefill.past_key_values).logits[:, -1].float()
+    assert relative_error(fused, stepwise) < 2e-2
+    assert torch.equal(fused.argmax(-1), stepwise.argmax(-1))
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 12])  # tiny V3: 16 experts, top-4 (12 tokens: 48 rows, several per expert)
