@@ -762,8 +762,7 @@ at::Tensor routed_mixture(const at::Tensor& hidden, const at::Tensor& topk_indic
     ++end[expert_of[a]];
   }
   for (int64_t e = 1; e < experts; ++e) end[e] += end[e - 1];
-  at::Tensor order = at::empty({assignments}, indices.options());
-  int64_t* position = order.data_ptr<int64_t>();
+  std::vector<int64_t> position(assignments);  // the assignments in expert order
   std::vector<int64_t> next(experts);
   for (int64_t e = 0; e < experts; ++e) next[e] = e == 0 ? 0 : end[e - 1];
   for (int64_t a = 0; a < assignments; ++a) position[next[expert_of[a]]++] = a;
@@ -780,14 +779,15 @@ at::Tensor routed_mixture(const at::Tensor& hidden, const at::Tensor& topk_indic
   }
   const at::Tensor gate_up_rows = gate_up_scale.has_value()
       ? fp8_product(gate_up, *gate_up_scale, rows, end, intermediate, block_o, block_i) : bf16_product(gate_up, rows, end);
-  const at::Tensor mixing = topk_weights.to(at::kFloat).contiguous();
+  const at::Tensor mixing_tensor = topk_weights.to(at::kFloat).contiguous();
+  const float* mixing = mixing_tensor.data_ptr<float>();
   // SiLU(gate) * up * weight, rounded to the activations' dtype after each step as the aten calls round
   at::Tensor activated = at::silu(gate_up_rows.narrow(1, 0, intermediate)).contiguous();
   with_data(activated, [&](auto* act) {
     using T = std::remove_pointer_t<decltype(act)>;
     const T* up = reinterpret_cast<const T*>(gate_up_rows.data_ptr()) + intermediate;
     for (int64_t a = 0; a < assignments; ++a) {
-      const float weight = in_dtype<T>(mixing.data_ptr<float>()[position[a]]);
+      const float weight = in_dtype<T>(mixing[position[a]]);
       T* row = act + a * intermediate;
       const T* up_row = up + a * 2 * intermediate;
       for (int64_t i = 0; i < intermediate; ++i) store_scalar(row + i, in_dtype<T>(to_float(row[i]) * to_float(up_row[i])) * weight);
