@@ -249,7 +249,7 @@ def head_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor | None, bloc
     bf16 (both None), read in place, no float copy: ``x`` ``[batch, heads, seq, cols]`` -> ``[batch, heads,
     seq, count]`` through them, or, ``transposed``, ``x`` ``[batch, heads, seq, count]`` -> ``[batch, heads,
     seq, cols]``. None where the kernel does not serve: more than ``MAX_ROWS`` rows per head, another dtype,
-    head slices that cut scale blocks."""
+    heads that do not start a scale block, a slice that starts inside one and ends in another."""
     batch, _, seq, _ = x.shape
     per_head, cols = weight.shape[0] // heads, weight.shape[1]
     if scale_inv is None and weight.dtype != torch.bfloat16:
@@ -263,9 +263,12 @@ def head_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor | None, bloc
     if scale_inv is None:
         output = (module.bf16_grouped_gemv_transposed if transposed else module.bf16_grouped_gemv)(slices, inputs, ends)
     else:
-        if any(rows % block[0] for rows in (per_head, first, count)) or (transposed and block[1] % 16):
+        # each head's rows start a scale row, and the slice starts one or lies inside one (heads of 64 + 64 rows
+        # in 128-row blocks: the kernel counts the slice's scale rows from its first row)
+        first_block, last_block = first // block[0], (first + count - 1) // block[0]
+        if per_head % block[0] or (first % block[0] and first_block != last_block) or (transposed and block[1] % 16):
             return None
-        scales = scale_inv.view(heads, per_head // block[0], -1)[:, first // block[0] : (first + count) // block[0]]
+        scales = scale_inv.view(heads, per_head // block[0], -1)[:, first_block : last_block + 1]
         if transposed:
             output = module.fp8_grouped_gemv_transposed(slices, scales, inputs, ends, block[0], block[1])
         else:

@@ -211,7 +211,8 @@ def test_kernel_dequantization_is_bit_identical_to_the_torch_path(decode_kernel,
     assert by_kernel.dtype == dtype and torch.equal(by_kernel, by_torch)
 
 
-@pytest.mark.parametrize("heads, nope, v, latent, block", [(4, 128, 128, 512, (128, 128)), (3, 16, 32, 64, (16, 16))])
+@pytest.mark.parametrize("heads, nope, v, latent, block", [(4, 128, 128, 512, (128, 128)), (3, 16, 32, 64, (16, 16)),
+                                                           (2, 64, 64, 256, (128, 128)), (2, 32, 96, 128, (128, 128))])
 @pytest.mark.parametrize("batch, seq", [(1, 1), (2, 3)])
 def test_kv_b_head_rows_read_in_place(decode_kernel, heads, nope, v, latent, block, batch, seq):
     weight, scale_inv = quantize_fp8_blockwise(torch.randn(heads * (nope + v), latent), block)
@@ -222,6 +223,16 @@ def test_kv_b_head_rows_read_in_place(decode_kernel, heads, nope, v, latent, blo
         values = fp8_cpu.head_rows_product(weight, scale_inv, block, heads, nope, v, context, transposed=False)
     assert relative_error(query_latent, torch.einsum("bhsd,hdc->bhsc", query, dense[:, :nope])) < 1e-6
     assert relative_error(values, torch.einsum("bhsc,hvc->bhsv", context, dense[:, nope:])) < 1e-6
+
+
+@pytest.mark.parametrize("per_head, first, count", [(96, 0, 32), (256, 64, 128)])
+def test_kv_b_head_rows_that_do_not_map_onto_scale_rows_are_refused(decode_kernel, per_head, first, count):
+    """Heads that do not start a scale row, or a slice from inside one scale row into the next: the kernel would
+    count the wrong scale rows, so the caller's batched products serve."""
+    weight, scale_inv = quantize_fp8_blockwise(torch.randn(2 * per_head, 128), (128, 128))
+    x = torch.randn(1, 2, 1, count)
+    with torch.no_grad():
+        assert fp8_cpu.head_rows_product(weight, scale_inv, (128, 128), 2, first, count, x, transposed=True) is None
 
 
 @pytest.mark.parametrize("heads, nope, v, latent", [(4, 128, 128, 512), (3, 16, 32, 48)])
