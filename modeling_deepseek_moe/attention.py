@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, eager_atten
 from .bnb4bit import PACKED_DTYPE, dequantize_linear_4bit
 from .configuration import DeepseekMoEConfig
 from .fp8 import FP8Linear, fp8_settings, projection
-from .fp8_cpu import head_rows_product
+from .fp8_cpu import head_rows_product, shared_rows_product
 from .grouped_mm import bucketed_width
 from .linear import HALF_PRECISION
 from .norm import RMSNorm
@@ -140,11 +140,9 @@ class MultiHeadLatentAttention(nn.Module):
         causal shortcut; a pre-allocated static cache holds slots beyond them)."""
         batch, _, new, _ = query_nope.shape
         total = latent.shape[2]
-        latent, key_rope = cache_with_room(latent), cache_with_room(key_rope)
         query_latent = self.through_kv_b_heads(query_nope, values=False)  # [batch, heads, new, kv_lora_rank]
-        scores = self.over_shared_keys(query_latent, latent.transpose(-1, -2)) + self.over_shared_keys(
-            query_rope, key_rope.transpose(-1, -2))
-        scores = scores[..., :total].float() * self.scaling  # [batch, heads, new, total]
+        scores = self.against_shared_keys(query_latent, latent) + self.against_shared_keys(query_rope, key_rope)
+        scores = scores.float() * self.scaling  # [batch, heads, new, total]
         if attention_mask is None:  # sdpa's causal shortcut (no padding): slot k is visible from position >= k
             if query_positions is None:  # the new tokens are the last `new` slots
                 query_positions = torch.arange(total - new, total, device=scores.device)[None]
@@ -156,6 +154,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             scores = scores + attention_mask[..., :total]
         probabilities = scores.softmax(dim=-1).to(latent.dtype)
+        latent = cache_with_room(latent)
         context = self.over_shared_keys(F.pad(probabilities, (0, latent.shape[2] - total)), latent)  # [batch, heads, new, kv_lora_rank]
         output = self.through_kv_b_heads(context, values=True).transpose(1, 2)  # [batch, new, heads, v_head_dim]
         return output.reshape(batch, new, self.num_heads * self.v_head_dim), probabilities
@@ -190,6 +189,19 @@ class MultiHeadLatentAttention(nn.Module):
         else:  # the queries padded with zeros over the value rows
             output = F.pad(per_head, (0, head_rows.shape[1] - count)) @ head_rows
         return output.reshape(heads, batch, new, -1).transpose(0, 1)
+
+    @classmethod
+    def against_shared_keys(cls, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[batch, heads, new, k]`` against the cached ``keys`` ``[batch, 1, total, k]`` that every head
+        reads -> scores ``[batch, heads, new, total]``: by the decode kernel where it serves
+        (:func:`.fp8_cpu.shared_rows_product`, the keys read in place), else one product per sequence over the
+        keys with room (:func:`cache_with_room`)."""
+        batch, heads, new, _ = x.shape
+        total = keys.shape[2]
+        scores = shared_rows_product(x.reshape(batch, heads * new, -1), keys[:, 0])
+        if scores is not None:
+            return scores.view(batch, heads, new, total)
+        return cls.over_shared_keys(x, cache_with_room(keys).transpose(-1, -2))[..., :total]
 
     @staticmethod
     def over_shared_keys(x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:

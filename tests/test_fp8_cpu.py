@@ -250,6 +250,61 @@ def test_bf16_kv_b_head_rows_read_in_place(decode_kernel, heads, nope, v, latent
     assert fp8_cpu.head_rows_product(weight.float(), None, None, heads, 0, nope, query.float(), transposed=True) is None
 
 
+@pytest.mark.parametrize("batch, rows, total", [(1, 16, 65), (2, 3, 40), (1, 128, 7)])
+def test_shared_rows_product_reads_each_sequences_keys(decode_kernel, batch, rows, total):
+    """Absorbed MLA's scores: every head's query row against its own sequence's cached keys, read in place from
+    a cache with room beyond them (a static cache's buffer)."""
+    generator = torch.Generator().manual_seed(rows)
+    buffer = torch.randn(batch, total + 9, 64, generator=generator).bfloat16()
+    keys, x = buffer[:, :total], torch.randn(batch, rows, 64, generator=generator).bfloat16()
+    with torch.no_grad():
+        scores = fp8_cpu.shared_rows_product(x, keys)
+    assert scores.shape == (batch, rows, total) and scores.dtype == torch.bfloat16
+    assert relative_error(scores.double(), torch.einsum("bnk,btk->bnt", x.double(), keys.double())) < 4e-3
+    assert fp8_cpu.shared_rows_product(x.float(), keys.float()) is None  # float32 keys: torch's product
+    assert fp8_cpu.shared_rows_product(x.requires_grad_(), keys) is None  # training: torch's product
+
+
+def test_bf16_absorbed_decoding_scores_read_the_cache_in_place(decode_kernel, official_checkpoint, monkeypatch):
+    directory, _, _ = official_checkpoint("v3", kv_lora_rank=32)
+    model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, mla_absorb="decode")
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    calls = []
+    monkeypatch.setattr(attention, "shared_rows_product", lambda *args: calls.append(1) or fp8_cpu.shared_rows_product(*args))
+    in_place = model.generate(ids, **kwargs)
+    assert len(calls) == 2 * 7 * model.config.num_hidden_layers  # latent and RoPE keys, 7 absorbed steps, every layer
+    monkeypatch.setattr(attention, "shared_rows_product", lambda *args: None)  # torch's batched products
+    batched = model.generate(ids, **kwargs)
+    assert torch.equal(in_place.sequences, batched.sequences)
+    assert relative_error(torch.stack(in_place.logits).float(), torch.stack(batched.logits).float()) < 1e-2
+
+
+def test_compiled_bf16_absorbed_decoding_scores_call_the_kernel(decode_kernel, official_checkpoint, monkeypatch):
+    """A compiled static-cache step takes the scores from the kernel's operator too, with the eager logits."""
+    from torch._inductor.utils import run_and_get_code
+    from transformers import StaticCache
+
+    directory, _, _ = official_checkpoint("v3", kv_lora_rank=32)
+    model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, mla_absorb="decode")
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    step = torch.tensor([[7]])
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+        positions = torch.tensor([6])
+        eager = model(step, cache=copy.deepcopy(cache), cache_position=positions, use_cache=True).logits
+        torch._dynamo.reset()
+        traced = []
+        monkeypatch.setattr(attention, "shared_rows_product", lambda *args: traced.append(1) or fp8_cpu.shared_rows_product(*args))
+        compiled, code = run_and_get_code(torch.compile(
+            lambda: model(step, cache=cache, cache_position=positions, use_cache=True).logits, fullgraph=True))
+    assert len(traced) == 2 * model.config.num_hidden_layers  # traced once: latent and RoPE keys, every layer
+    assert f"torch.ops.{fp8_cpu.kernel().__name__}.bf16_grouped_gemv.default(" in code[0]
+    # Inductor's own fusion of the bf16 elementwise work moves these logits by 1.3%, with or without the kernel
+    assert relative_error(compiled.float(), eager.float()) < 3e-2 and torch.equal(compiled.argmax(-1), eager.argmax(-1))
+
+
 def test_bf16_absorbed_decoding_reads_kv_b_proj_in_place(decode_kernel, official_checkpoint, monkeypatch):
     directory, _, _ = official_checkpoint("v3", kv_lora_rank=32)
     model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, mla_absorb="decode")
