@@ -154,8 +154,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             scores = scores + attention_mask[..., :total]
         probabilities = scores.softmax(dim=-1).to(latent.dtype)
-        latent = cache_with_room(latent)
-        context = self.over_shared_keys(F.pad(probabilities, (0, latent.shape[2] - total)), latent)  # [batch, heads, new, kv_lora_rank]
+        context = self.over_shared_values(probabilities, latent)  # [batch, heads, new, kv_lora_rank]
         output = self.through_kv_b_heads(context, values=True).transpose(1, 2)  # [batch, new, heads, v_head_dim]
         return output.reshape(batch, new, self.num_heads * self.v_head_dim), probabilities
 
@@ -202,6 +201,18 @@ class MultiHeadLatentAttention(nn.Module):
         if scores is not None:
             return scores.view(batch, heads, new, total)
         return cls.over_shared_keys(x, cache_with_room(keys).transpose(-1, -2))[..., :total]
+
+    @classmethod
+    def over_shared_values(cls, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Attention ``weights`` ``[batch, heads, new, total]`` over the cached ``values`` ``[batch, 1, total, m]``
+        that every head reads -> ``[batch, heads, new, m]``: by the decode kernel where it serves
+        (:func:`.fp8_cpu.shared_rows_product`), else one product per sequence over the values with room."""
+        batch, heads, new, total = weights.shape
+        output = shared_rows_product(weights.reshape(batch, heads * new, total), values[:, 0], transposed=True)
+        if output is not None:
+            return output.view(batch, heads, new, -1)
+        values = cache_with_room(values)
+        return cls.over_shared_keys(F.pad(weights, (0, values.shape[2] - total)), values)
 
     @staticmethod
     def over_shared_keys(x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:

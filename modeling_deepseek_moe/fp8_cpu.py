@@ -14,7 +14,7 @@ float32 rounding. That path's dequantization runs in the same kernel module wher
 The same module serves a bf16 model's decoding (:func:`bf16_grouped_product`, the same dot-product loops over
 bf16 weights): a layer's routed experts in one call, each one-row projection as a group of one
 (:func:`.linear.matrix_vector`), a bf16 ``kv_b_proj`` head by head (:func:`head_rows_product`), and absorbed MLA's
-scores against the cached latent (:func:`shared_rows_product`). A decoding
+products with the cached latent (:func:`shared_rows_product`). A decoding
 step's whole routed mixture, FP8 or bf16, is one call too (:func:`routed_mixture`). The module registers its
 decoding functions as torch operators as well, which compiled graphs call (:func:`kernel`). The elementwise work
 around the products, RMSNorm (:func:`rms_norm`), MLA's RoPE (:func:`rotary_interleaved`) and a router's decision
@@ -245,23 +245,32 @@ def routed_mixture(hidden: torch.Tensor, topk_indices: torch.Tensor, topk_weight
                                    *(block or (0, 0)))
 
 
-def shared_rows_product(rows: torch.Tensor, shared: torch.Tensor) -> torch.Tensor | None:
+# Up to this many cached slots, absorbed attention's weighted sum of the cached latent goes through the kernel's
+# transposed product (16 heads, AMD EPYC Zen 4: 65 slots 22 us against torch's 107 with the cache padded to its
+# bucketed width, 1024 slots 172 against 170); beyond, torch's bf16 GEMM is the faster (4096 slots: 609 against 367).
+SHARED_VALUES_MAX_SLOTS = 1024
+
+
+def shared_rows_product(rows: torch.Tensor, shared: torch.Tensor, transposed: bool = False) -> torch.Tensor | None:
     """``rows`` ``[batch, n, k]`` against every sequence's own bf16 ``shared`` ``[batch, total, k]``: ``rows[b] @
     shared[b].T`` -> ``[batch, n, total]`` in the rows' dtype, with ``shared`` read in place (MLA's absorbed
-    attention scores: every head's query against the one cached latent, or RoPE key, of its sequence). torch's
-    bf16 batched product of these shapes took 4-10x the kernel's time with 16 heads, 1.2-2x with 128 (65-4096
-    cached tokens, AMD EPYC Zen 4), so every row count goes through the kernel. None where it does not serve
-    (bf16 ``shared`` with contiguous rows on the CPU, no gradients)."""
-    if shared.dtype != torch.bfloat16 or shared.stride(-1) != 1 or shared.stride(-2) != shared.shape[-1]:
+    attention scores: every head's query against the one cached latent, or RoPE key, of its sequence); or,
+    ``transposed``, ``rows`` ``[batch, n, total]`` @ ``shared[b]`` -> ``[batch, n, k]`` (the attention weights
+    over the cached latent). torch's bf16 batched product of the scores' shapes took 4-10x the kernel's time with
+    16 heads, 1.2-2x with 128 (65-4096 cached slots, AMD EPYC Zen 4), so every row count goes through the
+    kernel. None where it does not serve: bf16 ``shared`` with contiguous rows on the CPU, no gradients, and
+    for the transposed product at most ``SHARED_VALUES_MAX_SLOTS`` slots and ``k`` in whole vectors."""
+    if shared.dtype != torch.bfloat16 or shared.stride(-1) != 1 or shared.stride(-2) != shared.shape[-1] or (
+            transposed and (shared.shape[-2] > SHARED_VALUES_MAX_SLOTS or shared.shape[-1] % 16)):
         return None
     module = serving_kernel(rows, None)
     if module is None:
         return None
+    product = module.bf16_grouped_gemv_transposed if transposed else module.bf16_grouped_gemv
     batch, n, _ = rows.shape
     if batch == 1:
-        return module.bf16_grouped_gemv(shared[0], rows[0], None)[None]
-    ends = torch.arange(1, batch + 1) * n
-    return module.bf16_grouped_gemv(shared, rows.reshape(batch * n, -1), ends).view(batch, n, -1)
+        return product(shared[0], rows[0], None)[None]
+    return product(shared, rows.reshape(batch * n, -1), torch.arange(1, batch + 1) * n).view(batch, n, -1)
 
 
 def head_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor | None, block: tuple[int, int] | None, heads: int,

@@ -58,8 +58,10 @@ def test_decode_mode_leaves_training_and_prefill_expanded(official_checkpoint):
 
 
 def test_half_precision_absorbed_decoding_pads_the_cache_without_changing_results(official_checkpoint, monkeypatch):
-    """bf16 decoding on the CPU attends over the cached latent padded to a bucketed length: the same tokens
-    and logits (within bf16 rounding) as over the cache as it is, across several bucket boundaries."""
+    """bf16 decoding on the CPU through torch's products (no decode kernel) attends over the cached latent padded to
+    a bucketed length: the same tokens and logits (within bf16 rounding) as over the cache as it is, across several
+    bucket boundaries."""
+    monkeypatch.setattr(attention, "shared_rows_product", lambda *args, **kwargs: None)  # the kernel needs no room
     directory, _, _ = official_checkpoint("v3")
     model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, mla_absorb="decode")
     ids = torch.randint(2, 256, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -75,8 +77,11 @@ def test_half_precision_absorbed_decoding_pads_the_cache_without_changing_result
 
 def test_half_precision_absorbed_decoding_over_new_lengths_keeps_memory_flat():
     """oneDNN compiles a primitive per operand shape and keeps it (up to 1024): the absorbed products over
-    the cache's length made new ones at every decoding step (RSS +160 MB over these 96 lengths, measured)."""
+    the cache's length made new ones at every decoding step (RSS +160 MB over these 96 lengths, measured). torch's
+    products, as without the decode kernel (which compiles nothing per length)."""
     script = """
+import os
+os.environ["DEEPSEEK_MOE_FP8_KERNEL"] = "0"
 import torch
 from modeling_deepseek_moe import DeepseekMoEV3Config, DeepseekMoEV3ForCausalLM
 from modeling_deepseek_moe.synthetic import tiny_official_config

@@ -252,36 +252,42 @@ def test_bf16_kv_b_head_rows_read_in_place(decode_kernel, heads, nope, v, latent
 
 @pytest.mark.parametrize("batch, rows, total", [(1, 16, 65), (2, 3, 40), (1, 128, 7)])
 def test_shared_rows_product_reads_each_sequences_keys(decode_kernel, batch, rows, total):
-    """Absorbed MLA's scores: every head's query row against its own sequence's cached keys, read in place from
-    a cache with room beyond them (a static cache's buffer)."""
+    """Absorbed MLA's scores (every head's query row against its own sequence's cached keys) and attended values,
+    the cache read in place with room beyond it (a static cache's buffer)."""
     generator = torch.Generator().manual_seed(rows)
     buffer = torch.randn(batch, total + 9, 64, generator=generator).bfloat16()
     keys, x = buffer[:, :total], torch.randn(batch, rows, 64, generator=generator).bfloat16()
+    weights = torch.randn(batch, rows, total, generator=generator).softmax(-1).bfloat16()
     with torch.no_grad():
         scores = fp8_cpu.shared_rows_product(x, keys)
+        attended = fp8_cpu.shared_rows_product(weights, keys, transposed=True)
     assert scores.shape == (batch, rows, total) and scores.dtype == torch.bfloat16
     assert relative_error(scores.double(), torch.einsum("bnk,btk->bnt", x.double(), keys.double())) < 4e-3
+    assert attended.shape == (batch, rows, 64) and attended.dtype == torch.bfloat16
+    assert relative_error(attended.double(), torch.einsum("bnt,btk->bnk", weights.double(), keys.double())) < 4e-3
+    long_keys = torch.zeros(1, fp8_cpu.SHARED_VALUES_MAX_SLOTS + 1, 64).bfloat16()  # torch's GEMM is the faster there
+    assert fp8_cpu.shared_rows_product(torch.zeros(1, rows, long_keys.shape[1]).bfloat16(), long_keys, transposed=True) is None
     assert fp8_cpu.shared_rows_product(x.float(), keys.float()) is None  # float32 keys: torch's product
     assert fp8_cpu.shared_rows_product(x.requires_grad_(), keys) is None  # training: torch's product
 
 
-def test_bf16_absorbed_decoding_scores_read_the_cache_in_place(decode_kernel, official_checkpoint, monkeypatch):
+def test_bf16_absorbed_decoding_reads_the_cache_in_place(decode_kernel, official_checkpoint, monkeypatch):
     directory, _, _ = official_checkpoint("v3", kv_lora_rank=32)
     model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, mla_absorb="decode")
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
     kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
     calls = []
-    monkeypatch.setattr(attention, "shared_rows_product", lambda *args: calls.append(1) or fp8_cpu.shared_rows_product(*args))
+    monkeypatch.setattr(attention, "shared_rows_product", lambda *args, **kw: calls.append(1) or fp8_cpu.shared_rows_product(*args, **kw))
     in_place = model.generate(ids, **kwargs)
-    assert len(calls) == 2 * 7 * model.config.num_hidden_layers  # latent and RoPE keys, 7 absorbed steps, every layer
-    monkeypatch.setattr(attention, "shared_rows_product", lambda *args: None)  # torch's batched products
+    assert len(calls) == 3 * 7 * model.config.num_hidden_layers  # latent and RoPE keys, the values; 7 absorbed steps, every layer
+    monkeypatch.setattr(attention, "shared_rows_product", lambda *args, **kw: None)  # torch's batched products
     batched = model.generate(ids, **kwargs)
     assert torch.equal(in_place.sequences, batched.sequences)
     assert relative_error(torch.stack(in_place.logits).float(), torch.stack(batched.logits).float()) < 1e-2
 
 
-def test_compiled_bf16_absorbed_decoding_scores_call_the_kernel(decode_kernel, official_checkpoint, monkeypatch):
-    """A compiled static-cache step takes the scores from the kernel's operator too, with the eager logits."""
+def test_compiled_bf16_absorbed_decoding_calls_the_kernel(decode_kernel, official_checkpoint, monkeypatch):
+    """A compiled static-cache step takes the scores and values from the kernel's operators too, with the eager logits."""
     from torch._inductor.utils import run_and_get_code
     from transformers import StaticCache
 
@@ -296,10 +302,10 @@ def test_compiled_bf16_absorbed_decoding_scores_call_the_kernel(decode_kernel, o
         eager = model(step, cache=copy.deepcopy(cache), cache_position=positions, use_cache=True).logits
         torch._dynamo.reset()
         traced = []
-        monkeypatch.setattr(attention, "shared_rows_product", lambda *args: traced.append(1) or fp8_cpu.shared_rows_product(*args))
+        monkeypatch.setattr(attention, "shared_rows_product", lambda *args, **kw: traced.append(1) or fp8_cpu.shared_rows_product(*args, **kw))
         compiled, code = run_and_get_code(torch.compile(
             lambda: model(step, cache=cache, cache_position=positions, use_cache=True).logits, fullgraph=True))
-    assert len(traced) == 2 * model.config.num_hidden_layers  # traced once: latent and RoPE keys, every layer
+    assert len(traced) == 3 * model.config.num_hidden_layers  # traced once: latent and RoPE keys, the values, every layer
     assert f"torch.ops.{fp8_cpu.kernel().__name__}.bf16_grouped_gemv.default(" in code[0]
     # Inductor's own fusion of the bf16 elementwise work moves these logits by 1.3%, with or without the kernel
     assert relative_error(compiled.float(), eager.float()) < 3e-2 and torch.equal(compiled.argmax(-1), eager.argmax(-1))
