@@ -271,21 +271,6 @@ def test_shared_rows_product_reads_each_sequences_keys(decode_kernel, batch, row
     assert fp8_cpu.shared_rows_product(x.requires_grad_(), keys) is None  # training: torch's product
 
 
-def test_bf16_absorbed_decoding_reads_the_cache_in_place(decode_kernel, official_checkpoint, monkeypatch):
-    directory, _, _ = official_checkpoint("v3", kv_lora_rank=32)
-    model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, mla_absorb="decode")
-    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
-    kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    calls = []
-    monkeypatch.setattr(attention, "shared_rows_product", lambda *args, **kw: calls.append(1) or fp8_cpu.shared_rows_product(*args, **kw))
-    in_place = model.generate(ids, **kwargs)
-    assert len(calls) == 3 * 7 * model.config.num_hidden_layers  # latent and RoPE keys, the values; 7 absorbed steps, every layer
-    monkeypatch.setattr(attention, "shared_rows_product", lambda *args, **kw: None)  # torch's batched products
-    batched = model.generate(ids, **kwargs)
-    assert torch.equal(in_place.sequences, batched.sequences)
-    assert relative_error(torch.stack(in_place.logits).float(), torch.stack(batched.logits).float()) < 1e-2
-
-
 def test_compiled_bf16_absorbed_decoding_calls_the_kernel(decode_kernel, official_checkpoint, monkeypatch):
     """A compiled static-cache step takes the scores and values from the kernel's operators too, with the eager logits."""
     from torch._inductor.utils import run_and_get_code
@@ -311,16 +296,21 @@ def test_compiled_bf16_absorbed_decoding_calls_the_kernel(decode_kernel, officia
     assert relative_error(compiled.float(), eager.float()) < 3e-2 and torch.equal(compiled.argmax(-1), eager.argmax(-1))
 
 
-def test_bf16_absorbed_decoding_reads_kv_b_proj_in_place(decode_kernel, official_checkpoint, monkeypatch):
+# per absorbed step and layer: kv_b_proj's head rows for the queries and the values; the cached latent and RoPE keys
+# for the scores, the latent for the attended values
+@pytest.mark.parametrize("product, calls_per_step, batch", [("head_rows_product", 2, 1), ("shared_rows_product", 3, 2)])
+def test_bf16_absorbed_decoding_reads_kv_b_proj_and_the_cache_in_place(decode_kernel, official_checkpoint, monkeypatch,
+                                                                        product, calls_per_step, batch):
     directory, _, _ = official_checkpoint("v3", kv_lora_rank=32)
     model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, mla_absorb="decode")
-    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (batch, 6), generator=torch.Generator().manual_seed(0))
     kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
     calls = []
-    monkeypatch.setattr(attention, "head_rows_product", lambda *args, **kw: calls.append(1) or fp8_cpu.head_rows_product(*args, **kw))
+    real = getattr(fp8_cpu, product)
+    monkeypatch.setattr(attention, product, lambda *args, **kw: calls.append(1) or real(*args, **kw))
     in_place = model.generate(ids, **kwargs)
-    assert len(calls) == 2 * 7 * model.config.num_hidden_layers  # queries and values, 7 absorbed steps, every layer
-    monkeypatch.setattr(attention, "head_rows_product", lambda *args, **kw: None)  # the batched torch products
+    assert len(calls) == calls_per_step * 7 * model.config.num_hidden_layers  # 7 absorbed steps, every layer
+    monkeypatch.setattr(attention, product, lambda *args, **kw: None)  # the batched torch products
     batched = model.generate(ids, **kwargs)
     assert torch.equal(in_place.sequences, batched.sequences)
     assert relative_error(torch.stack(in_place.logits).float(), torch.stack(batched.logits).float()) < 1e-2
