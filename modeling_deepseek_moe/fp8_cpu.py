@@ -245,10 +245,12 @@ def routed_mixture(hidden: torch.Tensor, topk_indices: torch.Tensor, topk_weight
                                    *(block or (0, 0)))
 
 
-# Up to this many cached slots, absorbed attention's weighted sum of the cached latent goes through the kernel's
-# transposed product (16 heads, AMD EPYC Zen 4: 65 slots 22 us against torch's 107 with the cache padded to its
-# bucketed width, 1024 slots 172 against 170); beyond, torch's bf16 GEMM is the faster (4096 slots: 609 against 367).
-SHARED_VALUES_MAX_SLOTS = 1024
+# Up to this many cached slots and rows (heads x new tokens) per sequence, absorbed attention's weighted sum of the
+# cached latent goes through the kernel's transposed product, which reads the cache once per 4 rows (16 heads, AMD
+# EPYC Zen 4: 65 slots 22 us against torch's 107 with the cache padded to its bucketed width, 1024 slots 172 against
+# 170); beyond, torch's bf16 GEMM is the faster (16 heads over 4096 slots: 609 against 367 us; 128 heads over 65
+# slots: 93 against 82).
+SHARED_VALUES_MAX_SLOTS, SHARED_VALUES_MAX_ROWS = 1024, 16
 
 
 def shared_rows_product(rows: torch.Tensor, shared: torch.Tensor, transposed: bool = False) -> torch.Tensor | None:
@@ -259,9 +261,11 @@ def shared_rows_product(rows: torch.Tensor, shared: torch.Tensor, transposed: bo
     over the cached latent). torch's bf16 batched product of the scores' shapes took 4-10x the kernel's time with
     16 heads, 1.2-2x with 128 (65-4096 cached slots, AMD EPYC Zen 4), so every row count goes through the
     kernel. None where it does not serve: bf16 ``shared`` with contiguous rows on the CPU, no gradients, and
-    for the transposed product at most ``SHARED_VALUES_MAX_SLOTS`` slots and ``k`` in whole vectors."""
+    for the transposed product at most ``SHARED_VALUES_MAX_SLOTS`` slots and ``SHARED_VALUES_MAX_ROWS`` rows per
+    sequence, ``k`` in whole vectors."""
     if shared.dtype != torch.bfloat16 or shared.stride(-1) != 1 or shared.stride(-2) != shared.shape[-1] or (
-            transposed and (shared.shape[-2] > SHARED_VALUES_MAX_SLOTS or shared.shape[-1] % 16)):
+            transposed and (shared.shape[-2] > SHARED_VALUES_MAX_SLOTS or rows.shape[1] > SHARED_VALUES_MAX_ROWS
+                            or shared.shape[-1] % 16)):
         return None
     module = serving_kernel(rows, None)
     if module is None:
