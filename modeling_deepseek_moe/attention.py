@@ -141,7 +141,14 @@ class MultiHeadLatentAttention(nn.Module):
         batch, _, new, _ = query_nope.shape
         total = latent.shape[2]
         query_latent = self.through_kv_b_heads(query_nope, values=False)  # [batch, heads, new, kv_lora_rank]
-        scores = self.against_shared_keys(query_latent, latent) + self.against_shared_keys(query_rope, key_rope)
+        padded: list[torch.Tensor] = []  # the latent with room for torch's products, where they serve: padded once
+
+        def latent_with_room() -> torch.Tensor:
+            if not padded:
+                padded.append(cache_with_room(latent))
+            return padded[0]
+
+        scores = self.against_shared_keys(query_latent, latent, latent_with_room) + self.against_shared_keys(query_rope, key_rope)
         scores = scores.float() * self.scaling  # [batch, heads, new, total]
         if attention_mask is None:  # sdpa's causal shortcut (no padding): slot k is visible from position >= k
             if query_positions is None:  # the new tokens are the last `new` slots
@@ -154,7 +161,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             scores = scores + attention_mask[..., :total]
         probabilities = scores.softmax(dim=-1).to(latent.dtype)
-        context = self.over_shared_values(probabilities, latent)  # [batch, heads, new, kv_lora_rank]
+        context = self.over_shared_values(probabilities, latent, latent_with_room)  # [batch, heads, new, kv_lora_rank]
         output = self.through_kv_b_heads(context, values=True).transpose(1, 2)  # [batch, new, heads, v_head_dim]
         return output.reshape(batch, new, self.num_heads * self.v_head_dim), probabilities
 
@@ -190,28 +197,31 @@ class MultiHeadLatentAttention(nn.Module):
         return output.reshape(heads, batch, new, -1).transpose(0, 1)
 
     @classmethod
-    def against_shared_keys(cls, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def against_shared_keys(cls, x: torch.Tensor, keys: torch.Tensor,
+                            keys_with_room: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """``x`` ``[batch, heads, new, k]`` against the cached ``keys`` ``[batch, 1, total, k]`` that every head
         reads -> scores ``[batch, heads, new, total]``: by the decode kernel where it serves
         (:func:`.fp8_cpu.shared_rows_product`, the keys read in place), else one product per sequence over the
-        keys with room (:func:`cache_with_room`)."""
+        keys with room (``keys_with_room()``, by default :func:`cache_with_room` of them)."""
         batch, heads, new, _ = x.shape
         total = keys.shape[2]
         scores = shared_rows_product(x.reshape(batch, heads * new, -1), keys[:, 0])
         if scores is not None:
             return scores.view(batch, heads, new, total)
-        return cls.over_shared_keys(x, cache_with_room(keys).transpose(-1, -2))[..., :total]
+        padded = cache_with_room(keys) if keys_with_room is None else keys_with_room()
+        return cls.over_shared_keys(x, padded.transpose(-1, -2))[..., :total]
 
     @classmethod
-    def over_shared_values(cls, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def over_shared_values(cls, weights: torch.Tensor, values: torch.Tensor,
+                           values_with_room: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Attention ``weights`` ``[batch, heads, new, total]`` over the cached ``values`` ``[batch, 1, total, m]``
         that every head reads -> ``[batch, heads, new, m]``: by the decode kernel where it serves
-        (:func:`.fp8_cpu.shared_rows_product`), else one product per sequence over the values with room."""
+        (:func:`.fp8_cpu.shared_rows_product`), else one product per sequence over ``values_with_room()``."""
         batch, heads, new, total = weights.shape
         output = shared_rows_product(weights.reshape(batch, heads * new, total), values[:, 0], transposed=True)
         if output is not None:
             return output.view(batch, heads, new, -1)
-        values = cache_with_room(values)
+        values = values_with_room()
         return cls.over_shared_keys(F.pad(weights, (0, values.shape[2] - total)), values)
 
     @staticmethod

@@ -71,6 +71,7 @@ def test_half_precision_absorbed_decoding_pads_the_cache_without_changing_result
     monkeypatch.setattr(attention, "cache_with_room", lambda cached: lengths.append(cached.shape[2]) or cached)
     plain = model.generate(ids, **kwargs)
     assert sorted(set(lengths)) == list(range(10, 49))  # 39 lengths without room (the prefill is expanded)
+    assert len(lengths) == 2 * 39 * model.config.num_hidden_layers  # each step pads the latent once, the RoPE keys once
     assert torch.equal(padded.sequences, plain.sequences)
     assert relative_error(torch.stack(padded.logits).float(), torch.stack(plain.logits).float()) < 1e-2
 
