@@ -12,9 +12,9 @@ import threading
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from .grouped_mm import columns_product
+from .linear import linear
 
 # Dequantized weights one grouped product may hold at a time (the rest of the model stays compressed). Small,
 # so that the allocator hands the same buffer back (fresh pages of a large one cost more than dequantizing).
@@ -76,7 +76,7 @@ def tiled_linear(x: torch.Tensor, tiles: Iterable[tuple[int, int, torch.Tensor]]
     bottom, rows top:bottom of W)`` tiles, each dequantized when it is reached: output columns tile by tile,
     or a sum over the tiles."""
     if not transposed:
-        return torch.cat([F.linear(x, tile) for _, _, tile in tiles], dim=-1)
+        return torch.cat([linear(x, tile) for _, _, tile in tiles], dim=-1)
     total = None
     for top, bottom, tile in tiles:
         part = x[..., top:bottom] @ tile

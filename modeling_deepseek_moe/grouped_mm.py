@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .fp8_cpu import bf16_grouped_product
-from .linear import HALF_PRECISION, linear
+from .linear import HALF_PRECISION, linear, products_in_float32
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -137,8 +137,10 @@ def columns_product(weight: torch.Tensor, columns: torch.Tensor, offsets: torch.
             return _looped_group_mm(weight, columns, offsets) if product is None else product.t()
         # (weight.transpose(1, 2) is then column-major: a row-major right operand is slow in bf16)
         return _GROUPED_MM(_aligned_for_cpu(columns.t()), weight.transpose(1, 2), offs=offsets).t()
-    if columns.device.type == "cpu" and columns.dtype in HALF_PRECISION:  # (see bucketed_width)
-        total = columns.shape[1]
+    if columns.device.type == "cpu" and columns.dtype in HALF_PRECISION:
+        if products_in_float32(columns, weight):  # float32 products, one expert's weight converted at a time
+            return _looped_group_mm(weight, columns, offsets)
+        total = columns.shape[1]  # (see bucketed_width)
         return _GROUPED_MM(weight, _aligned_for_cpu(column_major(columns, bucketed_width(total))), offs=offsets)[:, :total]
     if columns.device.type == "cpu" and columns.stride(0) != 1 and not _fast_row_major(columns):
         columns = columns.t().contiguous().t()

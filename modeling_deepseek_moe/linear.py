@@ -7,9 +7,16 @@ time for DeepSeek's projection shapes, the same numbers (``benchmarks/bench_e2e.
 same either way). A decoding step is made of such products. Where the CPU decode kernel is built, bf16 rows go
 through it instead: one more 10-30% for one row (it streams the weight at ~30 GB/s), and up to ``FEW_ROWS`` rows
 (a few sequences decoded together, or a few draft tokens) in one call.
+
+On a CPU without instructions for half-precision products (no avx512_bf16 or AMX for bf16: AVX2 CPUs such as an
+AMD EPYC Zen 3, or AVX-512 ones before Cooper Lake) torch's bf16 and float16 GEMMs run at 12-20 GFLOP/s where its
+float32 GEMM runs at 75-106: products of more rows than the kernel takes then run in float32, the weight converted
+by row tiles (:func:`float32_product`), without gradients (autograd would keep the float32 copies).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +40,54 @@ def few_half_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
+# Float32 copies of a half-precision weight that :func:`float32_product` holds at a time (DeepSeek-V3's head in
+# float32 would take 3.7 GB).
+FLOAT32_TILE_BYTES = 64 * 2**20
+
+
+@functools.cache
+def native_half_products(dtype: torch.dtype) -> bool:
+    """Whether this CPU has instructions for products of ``dtype`` (bf16: avx512_bf16 or AMX, ARM's bf16; float16:
+    avx512_fp16 or AMX-FP16, ARM's fp16 arithmetic). True where torch cannot tell."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:
+        return True
+    found = capabilities()
+    if not (found.get("avx2") or found.get("neon")):  # a CPU torch does not describe
+        return True
+    names = ("avx512_bf16", "amx_bf16", "bf16") if dtype == torch.bfloat16 else ("avx512_fp16", "amx_fp16", "fp16_arith")
+    return any(found.get(name) for name in names)
+
+
+def products_in_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` runs in float32 (:func:`float32_product`): half-precision operands on a CPU without
+    instructions for their products (:func:`native_half_products`; on an AMD EPYC Zen 3, 512 rows through
+    DeepSeek-V2-Lite's projections and head 3.7-5.6x faster, the conversion included), no gradient needed."""
+    return (x.device.type == "cpu" and x.dtype in HALF_PRECISION and weight.dtype == x.dtype
+            and not native_half_products(x.dtype)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def float32_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed in float32 and rounded to ``x``'s dtype, the weight converted by row
+    tiles of at most ``FLOAT32_TILE_BYTES``."""
+    rows = x.float()
+    output = x.new_empty(*x.shape[:-1], weight.shape[0])
+    step = max(1, FLOAT32_TILE_BYTES // (4 * weight.shape[1]))
+    for top in range(0, weight.shape[0], step):
+        tile_bias = None if bias is None else bias[top : top + step].float()
+        output[..., top : top + step] = F.linear(rows, weight[top : top + step].float(), tile_bias)
+    return output
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; a few half-precision rows on the CPU (:func:`few_half_rows`) by the decode kernel
     (:func:`.fp8_cpu.bf16_grouped_product`), else one row as :func:`matrix_vector` (compiled: an opaque operator
-    running ``torch.mv``, since Inductor would generate its own loop)."""
+    running ``torch.mv``, since Inductor would generate its own loop); more rows in float32 where the CPU has no
+    instructions for their products (:func:`products_in_float32`)."""
     if not few_half_rows(x, weight):
+        if products_in_float32(x, weight) and not torch.compiler.is_compiling():
+            return float32_product(x, weight, bias)
         return F.linear(x, weight, bias)
     output = bf16_grouped_product(weight, x, None)  # [..., out]
     if output is None:  # no kernel (matrix_vector would only ask it again)
