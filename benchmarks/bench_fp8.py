@@ -178,8 +178,10 @@ def main() -> None:
             ids = torch.randint(0, CONFIG["vocab_size"], (1, tokens))
 
             def forward(model):
-                with torch.no_grad():
-                    return lambda: model(ids, use_cache=False)
+                def prefill():
+                    with torch.no_grad():
+                        return model(ids, use_cache=False)
+                return prefill
 
             pairs = [("fp32 (dequantized copy)", "fp8, fp32 compute")]
             if tokens <= args.bf16_up_to:
