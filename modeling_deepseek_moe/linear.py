@@ -33,11 +33,15 @@ HALF_PRECISION = (torch.bfloat16, torch.float16)
 FEW_ROWS = 8
 
 
+def _half_cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` has half-precision operands of one dtype on the CPU and needs no gradient."""
+    return (x.device.type == "cpu" and x.dtype in HALF_PRECISION and weight.dtype == x.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
 def few_half_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` is one to ``FEW_ROWS`` half-precision rows on the CPU without gradients."""
-    return (x.device.type == "cpu" and x.dtype in HALF_PRECISION and weight.dtype == x.dtype
-            and 0 < x.numel() <= FEW_ROWS * x.shape[-1]
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+    return 0 < x.numel() <= FEW_ROWS * x.shape[-1] and _half_cpu_inference(x, weight)
 
 
 # Float32 copies of a half-precision weight that :func:`float32_product` holds at a time (DeepSeek-V3's head in
@@ -65,9 +69,7 @@ def products_in_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` runs in float32 (:func:`float32_product`): half-precision operands on a CPU without
     instructions for their products (:func:`native_half_products`; on an AMD EPYC Zen 3, 512 rows through
     DeepSeek-V2-Lite's projections and head 3.7-5.6x faster, the conversion included), no gradient needed."""
-    return (x.device.type == "cpu" and x.dtype in HALF_PRECISION and weight.dtype == x.dtype
-            and not native_half_products(x.dtype)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+    return _half_cpu_inference(x, weight) and not native_half_products(x.dtype)
 
 
 def float32_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
