@@ -7,7 +7,6 @@ dims as its values), never the per-head keys and values it expands from them.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -142,8 +141,13 @@ class MultiHeadLatentAttention(nn.Module):
         batch, _, new, _ = query_nope.shape
         total = latent.shape[2]
         query_latent = self.through_kv_b_heads(query_nope, values=False)  # [batch, heads, new, kv_lora_rank]
-        # the latent with room for torch's products, where they serve: padded once, when first asked for
-        latent_with_room = functools.cache(lambda: cache_with_room(latent))
+        padded: list[torch.Tensor] = []  # the latent with room for torch's products, where they serve: padded once
+
+        def latent_with_room() -> torch.Tensor:
+            if not padded:
+                padded.append(cache_with_room(latent))
+            return padded[0]
+
         scores = self.against_shared_keys(query_latent, latent, latent_with_room) + self.against_shared_keys(query_rope, key_rope)
         scores = scores.float() * self.scaling  # [batch, heads, new, total]
         if attention_mask is None:  # sdpa's causal shortcut (no padding): slot k is visible from position >= k
