@@ -146,31 +146,41 @@ inline float in_dtype(float v) {
 
 constexpr int64_t kMaxRows = 16;  // rows of one group processed together (each weight read once for them)
 
-// Dot products of R weight rows with M rows of scaled x: R x M accumulators in registers. Each 16 weights
-// are converted once and used for the M rows, each 16 values of x loaded once for the R weight rows. The
-// loop steps a cache line of weights at a time, prefetching the next block's rows into L1 and the block four
-// ahead into L2: weights stream from memory once, with enough lines in flight to keep the memory busy (on an
-// AMD EPYC Zen 4, weights from memory: one bf16 row through 1024 x 1024 FP8 weights 0.75x the time, bf16
-// weights 0.71x, against the next block alone). (A prefetch under a branch inside the vector loop made GCC store every accumulator to the
-// stack at each step: 1.1-1.2x slower with AVX2 at one row; with AVX-512 it made no difference.)
+// Dot products of R weight rows with M rows of scaled x: R x M sums in registers (with AVX2, two each: see
+// kChains). Each 16 weights are converted once and used for the M rows, each 16 values of x loaded once for the R
+// weight rows. The loop steps a cache line of weights at a time, prefetching the next block's rows into L1 and the
+// block four ahead into L2: weights stream from memory once, with enough lines in flight to keep the memory busy (on
+// an AMD EPYC Zen 4, weights from memory: one bf16 row through 1024 x 1024 FP8 weights 0.75x the time, bf16 weights
+// 0.71x, against the next block alone). (A prefetch under a branch inside the vector loop made GCC store every
+// accumulator to the stack at each step: 1.1-1.2x slower with AVX2 at one row; with AVX-512 it made no difference.)
+// Every block shape sums each product in the same order, so a row's results do not depend on the rows beside it
+// (the routed mixture in one call gives the dispatcher's numbers).
 template <int R, int M, typename W, typename Out>
 inline void dot_block(const W* rows, const float* scaled, int64_t in, Out* out, int64_t out_stride) {
   constexpr int64_t kLine = 64 / sizeof(W);  // weights in a cache line of a row: whole vectors
-  Vec acc[R][M];
+  // Sums per product: with AVX2, the low and the high vector of each pair of vectors into their own sum (two chains
+  // of FMAs: one row of x against one weight row, the AVX2 blocks' one-row shape, is then not bound by the FMAs'
+  // latency); with AVX-512, one.
+  constexpr int kChains = kLanes == 8 ? 2 : 1;
+  Vec acc[R][M][kChains];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < M; ++j) acc[r][j] = zero();
+    for (int j = 0; j < M; ++j)
+      for (int c = 0; c < kChains; ++c) acc[r][j][c] = zero();
   const auto step = [&](int64_t i) {
     Vec values[R];
     for (int r = 0; r < R; ++r) values[r] = load16(rows + r * in + i);
     for (int j = 0; j < M; ++j) {
-      for (int r = 0; r < R; ++r) acc[r][j] = fma(values[r], scaled + j * in + i, acc[r][j]);
+      for (int r = 0; r < R; ++r) acc[r][j][0] = fma(values[r], scaled + j * in + i, acc[r][j][0]);
     }
   };
   const auto step_pair = [&](int64_t i) {  // 2 * kLanes weights of each row
     Vec low[R], high[R];
     for (int r = 0; r < R; ++r) load_pair(rows + r * in + i, low[r], high[r]);
     for (int j = 0; j < M; ++j) {
-      for (int r = 0; r < R; ++r) acc[r][j] = fma(high[r], scaled + j * in + i + kLanes, fma(low[r], scaled + j * in + i, acc[r][j]));
+      for (int r = 0; r < R; ++r) {
+        acc[r][j][0] = fma(low[r], scaled + j * in + i, acc[r][j][0]);
+        acc[r][j][kChains - 1] = fma(high[r], scaled + j * in + i + kLanes, acc[r][j][kChains - 1]);
+      }
     }
   };
   int64_t i = 0;
@@ -183,7 +193,7 @@ inline void dot_block(const W* rows, const float* scaled, int64_t in, Out* out, 
   for (; i + kLanes <= in; i += kLanes) step(i);
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < M; ++j) {
-      float value = sum(acc[r][j]);
+      float value = sum(kChains == 2 ? add(acc[r][j][0], acc[r][j][kChains - 1]) : acc[r][j][0]);
       for (int64_t k = i; k < in; ++k) value += to_float(rows[r * in + k]) * scaled[j * in + k];
       store_scalar(out + j * out_stride + r, value);
     }
@@ -210,16 +220,19 @@ inline void for_each_block(int64_t rows, int64_t o_begin, int64_t o_end, Block b
 template <typename W, typename Out>
 inline void dot_tile(const W* weight, const float* x, int64_t rows, int64_t in, int64_t o, int64_t o_end,
                      Out* out, int64_t out_stride) {
-  // 4 x 4 accumulators fit AVX-512's 32 registers; AVX2's 16 take 2 x 4 (4 x 4 spilled to the stack). One row of x
-  // against bf16 weights with AVX-512 goes through one weight row at a time: each thread then reads its weights as one
-  // sequential stream, where blocks of 8 rows read 8 streams a row apart (and load each x value once for 8 weights,
-  // which matters no more when the loop waits for the memory). On an AMD EPYC Zen 4, one bf16 row through 1024 x 1024
-  // bf16 weights from memory: 0.81-0.89x the time, bench_fp8.py's bf16 model at one token 0.88-0.89x. FP8 weights keep
-  // blocks of 8 with AVX-512 (one weight row at a time: 1.00x). With AVX2, both take blocks of 4 (one weight row at a
-  // time: 1.22x for FP8, 1.03x for bf16): on an AMD EPYC Zen 3 (no AVX-512), one bf16 row through weights of 384 x 1024
-  // to 16384 x 1024 from memory, FP8 0.85-0.92x the time of blocks of 8 (2 rows: 0.84-0.94x), bf16 0.93-1.02x.
-  constexpr int kOneRowBlock = kLanes == 16 ? (std::is_same_v<W, uint16_t> ? 1 : 8) : 4;
-  for_each_block<kLanes == 16 ? 4 : 2, 4, kOneRowBlock>(rows, o, o_end, [&](auto r, auto m, int64_t row, int64_t j) {
+  // AVX-512: 4 x 4 accumulators fit its 32 registers. One row of x against bf16 weights goes through one weight row at
+  // a time: each thread then reads its weights as one sequential stream, where blocks of 8 rows read 8 streams a row
+  // apart (and load each x value once for 8 weights, which matters no more when the loop waits for the memory). On an
+  // AMD EPYC Zen 4, one bf16 row through 1024 x 1024 bf16 weights from memory: 0.81-0.89x the time, bench_fp8.py's bf16
+  // model at one token 0.88-0.89x. FP8 weights keep blocks of 8 (one weight row at a time: 1.00x).
+  // AVX2 (16 registers, two sums per product): blocks of 1 x 4, 2 x 2 and 1 x 1. On an AMD EPYC Zen 3 (no AVX-512),
+  // against blocks of 2 x 4, 4 x 2 and 4 x 1 with one sum per product, bench_fp8.py's model (in-process, interleaved):
+  // 1 token FP8 0.92-0.95x the time, bf16 0.90x; 4 tokens FP8 0.94x, bf16 0.91x. The one-row shape reads one stream
+  // per thread; kernel alone, weights from memory, FP8 products at 4 rows take 1.02-1.07x the time (2 x 4 with two
+  // sums spills registers: 1.25-1.34x).
+  constexpr int kFourRowBlock = kLanes == 16 ? 4 : 1, kTwoRowBlock = kLanes == 16 ? 4 : 2;
+  constexpr int kOneRowBlock = kLanes == 16 ? (std::is_same_v<W, uint16_t> ? 1 : 8) : 1;
+  for_each_block<kFourRowBlock, kTwoRowBlock, kOneRowBlock>(rows, o, o_end, [&](auto r, auto m, int64_t row, int64_t j) {
     dot_block<decltype(r)::value, decltype(m)::value>(weight + row * in, x + j * in, in, out + j * out_stride + row, out_stride);
   });
 }
