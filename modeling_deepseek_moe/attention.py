@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, eager_atten
 from .bnb4bit import PACKED_DTYPE, dequantize_linear_4bit
 from .configuration import DeepseekMoEConfig
 from .fp8 import FP8Linear, fp8_settings, projection
-from .fp8_cpu import head_rows_product, shared_rows_product
+from .fp8_cpu import absorbed_scores, head_rows_product, shared_rows_product
 from .grouped_mm import bucketed_width
 from .linear import HALF_PRECISION
 from .norm import RMSNorm
@@ -148,18 +148,22 @@ class MultiHeadLatentAttention(nn.Module):
                 padded.append(cache_with_room(latent))
             return padded[0]
 
-        scores = self.against_shared_keys(query_latent, latent, latent_with_room) + self.against_shared_keys(query_rope, key_rope)
-        scores = scores.float() * self.scaling  # [batch, heads, new, total]
-        if attention_mask is None:  # sdpa's causal shortcut (no padding): slot k is visible from position >= k
-            if query_positions is None:  # the new tokens are the last `new` slots
-                query_positions = torch.arange(total - new, total, device=scores.device)[None]
-            slots = torch.arange(total, device=scores.device)
-            visible = slots[None, None, :] <= query_positions.to(scores.device)[:, :, None]  # [batch or 1, new, total]
-            scores = scores.masked_fill(~visible[:, None], float("-inf"))
-        elif attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[..., :total], float("-inf"))
-        else:
-            scores = scores + attention_mask[..., :total]
+        # [batch, heads, new, total], masked: on the CPU without a mask, one kernel call for the steps below
+        scores = None if attention_mask is not None else \
+            absorbed_scores(query_latent, query_rope, latent, key_rope, self.scaling, query_positions)
+        if scores is None:
+            scores = self.against_shared_keys(query_latent, latent, latent_with_room) + self.against_shared_keys(query_rope, key_rope)
+            scores = scores.float() * self.scaling
+            if attention_mask is None:  # sdpa's causal shortcut (no padding): slot k is visible from position >= k
+                if query_positions is None:  # the new tokens are the last `new` slots
+                    query_positions = torch.arange(total - new, total, device=scores.device)[None]
+                slots = torch.arange(total, device=scores.device)
+                visible = slots[None, None, :] <= query_positions.to(scores.device)[:, :, None]  # [batch or 1, new, total]
+                scores = scores.masked_fill(~visible[:, None], float("-inf"))
+            elif attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask[..., :total], float("-inf"))
+            else:
+                scores = scores + attention_mask[..., :total]
         probabilities = scores.softmax(dim=-1).to(latent.dtype)
         context = self.over_shared_values(probabilities, latent, latent_with_room)  # [batch, heads, new, kv_lora_rank]
         output = self.through_kv_b_heads(context, values=True).transpose(1, 2)  # [batch, new, heads, v_head_dim]

@@ -14,7 +14,8 @@ float32 rounding. That path's dequantization runs in the same kernel module wher
 The same module serves a bf16 model's decoding (:func:`bf16_grouped_product`, the same dot-product loops over
 bf16 weights): a layer's routed experts in one call, each one-row projection as a group of one
 (:func:`.linear.matrix_vector`), a bf16 ``kv_b_proj`` head by head (:func:`head_rows_product`), and absorbed MLA's
-products with the cached latent (:func:`shared_rows_product`). A decoding
+products with the cached latent (:func:`shared_rows_product`; a decoding step's scores, masked, in one call:
+:func:`absorbed_scores`). A decoding
 step's whole routed mixture, FP8 or bf16, is one call too (:func:`routed_mixture`). The module registers its
 decoding functions as torch operators as well, which compiled graphs call (:func:`kernel`). The elementwise work
 around the products, RMSNorm (:func:`rms_norm`), MLA's RoPE (:func:`rotary_interleaved`) and a router's decision
@@ -275,6 +276,27 @@ def shared_rows_product(rows: torch.Tensor, shared: torch.Tensor, transposed: bo
     if batch == 1:
         return product(shared[0], rows[0], None)[None]
     return product(shared, rows.reshape(batch * n, -1), torch.arange(1, batch + 1) * n).view(batch, n, -1)
+
+
+def absorbed_scores(latent_queries: torch.Tensor, rope_queries: torch.Tensor, latent: torch.Tensor, key_rope: torch.Tensor,
+                    scaling: float, positions: torch.Tensor | None) -> torch.Tensor | None:
+    """Absorbed MLA's attention scores for a decoding step in one kernel call: ``latent_queries`` ``[batch, heads, new,
+    c]`` against each sequence's cached ``latent`` ``[batch, 1, total, c]`` plus ``rope_queries`` ``[batch, heads,
+    new, r]`` against its ``key_rope`` ``[batch, 1, total, r]``, times ``scaling``, slots past each query's position
+    (``positions`` ``[batch or 1, new]``; None: the new tokens are the last slots) at -inf -> float32 ``[batch,
+    heads, new, total]``, the numbers of :meth:`.attention.MultiHeadLatentAttention.absorbed_attention`'s unfused
+    steps (each product rounded to bf16 as :func:`shared_rows_product`'s, their bf16 sum, the float32 scaling).
+    None where the kernel does not serve: eagerly, bf16 queries and cache on the CPU without gradients, the cache
+    read in place as :func:`shared_rows_product` reads it."""
+    if latent.dtype != torch.bfloat16 or rope_queries.dtype != torch.bfloat16 or latent_queries.dtype != torch.bfloat16 \
+            or any(t.stride(-1) != 1 or t.stride(-2) != t.shape[-1] for t in (latent, key_rope)) \
+            or (positions is not None and positions.device.type != "cpu") \
+            or not serves_eagerly(latent_queries, rope_queries, latent, key_rope):
+        return None
+    batch, heads, new, _ = latent_queries.shape
+    scores = _module().absorbed_scores(latent_queries.reshape(batch, heads * new, -1), rope_queries.reshape(batch, heads * new, -1),
+                                       latent[:, 0], key_rope[:, 0], scaling, new, positions)
+    return scores.view(batch, heads, new, -1)
 
 
 def head_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor | None, block: tuple[int, int] | None, heads: int,

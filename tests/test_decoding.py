@@ -61,7 +61,8 @@ def test_half_precision_absorbed_decoding_pads_the_cache_without_changing_result
     """bf16 decoding on the CPU through torch's products (no decode kernel) attends over the cached latent padded to
     a bucketed length: the same tokens and logits (within bf16 rounding) as over the cache as it is, across several
     bucket boundaries."""
-    monkeypatch.setattr(attention, "shared_rows_product", lambda *args, **kwargs: None)  # the kernel needs no room
+    for product in ("shared_rows_product", "absorbed_scores"):  # the kernel needs no room
+        monkeypatch.setattr(attention, product, lambda *args, **kwargs: None)
     directory, _, _ = official_checkpoint("v3")
     model = DeepseekMoEV3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, mla_absorb="decode")
     ids = torch.randint(2, 256, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -274,6 +274,33 @@ def test_shared_rows_product_reads_each_sequences_keys(decode_kernel, batch, row
     assert fp8_cpu.shared_rows_product(x.requires_grad_(), keys) is None  # training: torch's product
 
 
+@pytest.mark.parametrize("batch, heads, new, total, positioned", [(1, 16, 1, 65, False), (2, 4, 3, 40, False),
+                                                                  (1, 16, 1, 48, True), (2, 3, 2, 33, True)])
+def test_absorbed_scores_in_one_call_equal_the_unfused_steps(decode_kernel, batch, heads, new, total, positioned):
+    """Absorbed MLA's scores for a decoding step in one kernel call: bit for bit the two in-place products, their bf16
+    sum, the float32 scaling and the causal mask of the unfused steps; the cache read in place with room beyond it
+    (a static cache's buffer), the queries placed by their positions or as the last slots."""
+    generator = torch.Generator().manual_seed(total)
+    latent = torch.randn(batch, 1, total + 7, 64, generator=generator).bfloat16()[:, :, :total]
+    key_rope = torch.randn(batch, 1, total + 7, 16, generator=generator).bfloat16()[:, :, :total]
+    query_latent = torch.randn(batch, heads, new, 64, generator=generator).bfloat16()
+    query_rope = torch.randn(batch, heads, new, 16, generator=generator).bfloat16()
+    positions = torch.tensor([[total - 9 + i for i in range(new)]] * batch) if positioned else None
+    scaling = 0.1234567
+    with torch.no_grad():
+        fused = fp8_cpu.absorbed_scores(query_latent, query_rope, latent, key_rope, scaling, positions)
+        rows = (batch, heads * new, -1)
+        expected = (fp8_cpu.shared_rows_product(query_latent.reshape(rows), latent[:, 0])
+                    + fp8_cpu.shared_rows_product(query_rope.reshape(rows), key_rope[:, 0])).view(batch, heads, new, total)
+        expected = expected.float() * scaling
+        last = positions if positioned else torch.arange(total - new, total)[None]
+        expected = expected.masked_fill(~(torch.arange(total)[None, None, :] <= last[:, :, None])[:, None], float("-inf"))
+    assert fused.dtype == torch.float32 and torch.equal(fused, expected)
+    assert fp8_cpu.absorbed_scores(query_latent.float(), query_rope.float(), latent.float(), key_rope.float(), scaling,
+                                   positions) is None  # float32: torch's products
+    assert fp8_cpu.absorbed_scores(query_latent.requires_grad_(), query_rope, latent, key_rope, scaling, positions) is None
+
+
 def test_compiled_bf16_absorbed_decoding_calls_the_kernel(decode_kernel, official_checkpoint, monkeypatch):
     """A compiled static-cache step takes the scores and values from the kernel's operators too, with the eager logits."""
     from torch._inductor.utils import run_and_get_code
@@ -299,9 +326,10 @@ def test_compiled_bf16_absorbed_decoding_calls_the_kernel(decode_kernel, officia
     assert relative_error(compiled.float(), eager.float()) < 3e-2 and torch.equal(compiled.argmax(-1), eager.argmax(-1))
 
 
-# per absorbed step and layer: kv_b_proj's head rows for the queries and the values; the cached latent and RoPE keys
-# for the scores, the latent for the attended values
-@pytest.mark.parametrize("product, calls_per_step, batch", [("head_rows_product", 2, 1), ("shared_rows_product", 3, 2)])
+# per absorbed step and layer: kv_b_proj's head rows for the queries and the values; the scores against the cached
+# latent and RoPE keys in one call; the latent for the attended values
+@pytest.mark.parametrize("product, calls_per_step, batch", [("head_rows_product", 2, 1), ("shared_rows_product", 1, 2),
+                                                            ("absorbed_scores", 1, 2)])
 def test_bf16_absorbed_decoding_reads_kv_b_proj_and_the_cache_in_place(decode_kernel, official_checkpoint, monkeypatch,
                                                                         product, calls_per_step, batch):
     directory, _, _ = official_checkpoint("v3", kv_lora_rank=32)

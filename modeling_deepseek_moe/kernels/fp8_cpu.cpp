@@ -1120,6 +1120,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& logits, c
   return {scores, indices, weights};
 }
 
+// Absorbed MLA's attention scores for a decoding step, in one call: every row of latent_queries [batch, rows, c] (a
+// head's query through its key rows of kv_b_proj; rows = heads x fresh tokens, head-major) against its sequence's cached
+// latent [batch, total, c], plus the row of rope_queries [batch, rows, r] against the cached RoPE key [batch, total,
+// r], each product rounded to bfloat16 (bf16_grouped_gemv's numbers), their bfloat16 sum, times `scaling` in float32;
+// slots past the row's query position (positions [batch or 1, fresh]; none: the fresh tokens are the last slots) are
+// -inf. -> float32 [batch, rows, total]: the numbers of attention.py's steps (two products, add, cast, scale, mask)
+// without their ~14 Python-level calls per layer.
+at::Tensor absorbed_scores(const at::Tensor& latent_queries, const at::Tensor& rope_queries, const at::Tensor& latent,
+                           const at::Tensor& key_rope, double scaling, int64_t fresh,
+                           const std::optional<at::Tensor>& positions) {
+  TORCH_CHECK(latent_queries.dim() == 3 && rope_queries.dim() == 3 && latent.dim() == 3 && key_rope.dim() == 3,
+              "queries [batch, rows, dim], cache [batch, total, dim]");
+  const int64_t batch = latent_queries.size(0), rows = latent_queries.size(1), total = latent.size(1);
+  TORCH_CHECK(rope_queries.size(0) == batch && rope_queries.size(1) == rows && latent.size(0) == batch &&
+                  key_rope.size(0) == batch && key_rope.size(1) == total,
+              "queries and cache: one sequence per batch row, as many rows and slots");
+  TORCH_CHECK(fresh >= 1 && rows % fresh == 0 && fresh <= total, "rows: heads x fresh tokens, at most the slots");
+  at::Tensor position_rows;
+  if (positions.has_value()) {
+    position_rows = positions->to(at::kLong).contiguous();
+    TORCH_CHECK(position_rows.dim() == 2 && (position_rows.size(0) == 1 || position_rows.size(0) == batch) &&
+                    position_rows.size(1) == fresh,
+                "positions: [batch or 1, fresh tokens]");
+  }
+  at::Tensor out = at::empty({batch, rows, total}, latent_queries.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const float scale = static_cast<float>(scaling);
+  for (int64_t b = 0; b < batch; ++b) {
+    const at::Tensor on_latent = bf16_product(latent.select(0, b), latent_queries.select(0, b), {rows});
+    const at::Tensor on_rope = bf16_product(key_rope.select(0, b), rope_queries.select(0, b), {rows});
+    const uint16_t* first = reinterpret_cast<const uint16_t*>(on_latent.data_ptr<at::BFloat16>());
+    const uint16_t* second = reinterpret_cast<const uint16_t*>(on_rope.data_ptr<at::BFloat16>());
+    const int64_t* position = positions.has_value() ? position_rows.data_ptr<int64_t>() + (position_rows.size(0) == 1 ? 0 : b) * position_rows.size(1) : nullptr;
+    float* ob = o + b * rows * total;
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t last = position != nullptr ? position[row % fresh] : total - fresh + row % fresh;  // last visible slot
+      for (int64_t t = 0; t < total; ++t) {
+        uint16_t sum;
+        store_scalar(&sum, to_float(first[row * total + t]) + to_float(second[row * total + t]));
+        ob[row * total + t] = t <= last ? to_float(sum) * scale : -INFINITY;
+      }
+    }
+  }
+  return out;
+}
+
 // The decoding functions as torch operators (namespace: the module's name, unique per build), which a
 // compiled graph calls without a Python step in between; their shapes for tracing are registered from Python.
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
@@ -1149,4 +1195,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass (Llama's and DeepSeek's numbers)");
   m.def("rotary_interleaved", &rotary_interleaved, "RoPE on interleaved pairs (rope.py's numbers)");
   m.def("route", &route, "a router's decision from its float32 logits (routing.py's numbers)");
+  m.def("absorbed_scores", &absorbed_scores, "absorbed MLA's attention scores for a decoding step (attention.py's numbers)");
 }
