@@ -80,7 +80,9 @@ def _register_shapes(namespace: str) -> None:
     shapes = {"fp8_grouped_gemv": rows_by_weight_rows, "fp8_grouped_gemv_transposed": rows_by_weight_columns,
               "bf16_grouped_gemv": lambda weight, rows, ends: rows_by_weight_rows(weight, None, rows),
               "bf16_grouped_gemv_transposed": lambda weight, rows, ends: rows_by_weight_columns(weight, None, rows),
-              "routed_mixture": lambda hidden, *tensors_and_settings: torch.empty_like(hidden)}
+              "routed_mixture": lambda hidden, *tensors_and_settings: torch.empty_like(hidden),
+              "head_rows_product": lambda weight, scale, heads, first, count, x, transposed, *block:
+                  x.new_empty(*x.shape[:-1], weight.shape[1] if transposed else count)}
     for name, shape in shapes.items():
         torch.library.register_fake(f"{namespace}::{name}", shape)
 
@@ -314,20 +316,10 @@ def head_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor | None, bloc
     module = None if transposed and cols % 16 else serving_kernel(x, batch * seq)  # the transposed kernels: whole vectors
     if module is None:
         return None
-    slices = weight.view(heads, per_head, cols)[:, first : first + count]  # views: groups lie apart
-    inputs = x.transpose(0, 1).reshape(heads * batch * seq, x.shape[-1])
-    ends = torch.arange(1, heads + 1) * (batch * seq)
-    if scale_inv is None:
-        output = (module.bf16_grouped_gemv_transposed if transposed else module.bf16_grouped_gemv)(slices, inputs, ends)
-    else:
+    if scale_inv is not None:
         # each head's rows start a scale row, and the slice starts one or lies inside one (heads of 64 + 64 rows
         # in 128-row blocks: the kernel counts the slice's scale rows from its first row)
         first_block, last_block = first // block[0], (first + count - 1) // block[0]
         if per_head % block[0] or (first % block[0] and first_block != last_block) or (transposed and block[1] % 16):
             return None
-        scales = scale_inv.view(heads, per_head // block[0], -1)[:, first_block : last_block + 1]
-        if transposed:
-            output = module.fp8_grouped_gemv_transposed(slices, scales, inputs, ends, block[0], block[1])
-        else:
-            output = module.fp8_grouped_gemv(slices, scales, inputs, ends, count, block[0], block[1])
-    return output.view(heads, batch, seq, -1).transpose(0, 1)
+    return module.head_rows_product(weight, scale_inv, heads, first, count, x, transposed, *(block or (0, 0)))

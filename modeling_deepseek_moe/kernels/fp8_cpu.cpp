@@ -920,6 +920,32 @@ at::Tensor bf16_grouped_gemv_transposed(const at::Tensor& weight, const at::Tens
                                  nullptr, 0, 0, 1.0f, 1, 1, rows, ends);
 }
 
+// Products with rows [first, first + count) of every head's rows of weight [heads * rows, cols] (MLA's kv_b_proj: a
+// head's key rows, then its value rows), FP8 with its block scales (scale: their grid) or bf16 (none), read in place:
+// x [batch, heads, seq, cols] -> [batch, heads, seq, count], or, transposed, x [batch, heads, seq, count] -> [batch,
+// heads, seq, cols] (contiguous). The views and group ends of the grouped products made here, not by ~10 Python-level calls per
+// product (fp8_cpu.head_rows_product checks that the slice maps onto whole scale rows).
+at::Tensor head_rows_product(const at::Tensor& weight, const std::optional<at::Tensor>& scale, int64_t heads, int64_t first,
+                             int64_t count, const at::Tensor& x, bool transposed, int64_t block_o, int64_t block_i) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % heads == 0 && x.dim() == 4 && x.size(1) == heads,
+              "weight [heads * rows, cols], x [batch, heads, seq, dim]");
+  const int64_t per_head = weight.size(0) / heads, cols = weight.size(1), batch = x.size(0), seq = x.size(2);
+  TORCH_CHECK(first >= 0 && count > 0 && first + count <= per_head, "rows [first, first + count) of each head's ", per_head);
+  const at::Tensor slices = weight.view({heads, per_head, cols}).narrow(1, first, count);
+  const at::Tensor inputs = x.transpose(0, 1).reshape({heads * batch * seq, x.size(3)});
+  const at::Tensor ends = at::arange(1, heads + 1, at::kLong) * (batch * seq);
+  at::Tensor output;
+  if (!scale.has_value()) {
+    output = transposed ? bf16_grouped_gemv_transposed(slices, inputs, ends) : bf16_grouped_gemv(slices, inputs, ends);
+  } else {
+    const int64_t first_block = first / block_o, last_block = (first + count - 1) / block_o;
+    const at::Tensor scales = scale->view({heads, per_head / block_o, -1}).narrow(1, first_block, last_block - first_block + 1);
+    output = transposed ? fp8_grouped_gemv_transposed(slices, scales, inputs, ends, block_o, block_i)
+                        : fp8_grouped_gemv(slices, scales, inputs, ends, count, block_o, block_i);
+  }
+  return output.view({heads, batch, seq, -1}).transpose(0, 1).contiguous();  // (a copy only for several sequences)
+}
+
 // weight [groups, rows, cols] (uint8 bits of float8_e4m3fn) with scale [groups, scale rows, scale cols] ->
 // float32 or bfloat16: the same numbers as torch's float32 dequantization (rounded to bfloat16 as torch does),
 // written into `out` where given (a reused buffer: fresh pages cost more than the dequantization).
@@ -1175,6 +1201,8 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_grouped_gemv_transposed(Tensor weight, Tensor rows, Tensor? ends) -> Tensor");
   m.def("routed_mixture(Tensor hidden, Tensor topk_indices, Tensor topk_weights, Tensor gate_up, Tensor? gate_up_scale, "
         "Tensor down, Tensor? down_scale, int block_o, int block_i) -> Tensor");
+  m.def("head_rows_product(Tensor weight, Tensor? scale, int heads, int first, int count, Tensor x, bool transposed, "
+        "int block_o, int block_i) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
@@ -1183,6 +1211,7 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("bf16_grouped_gemv", &bf16_grouped_gemv);
   m.impl("bf16_grouped_gemv_transposed", &bf16_grouped_gemv_transposed);
   m.impl("routed_mixture", &routed_mixture);
+  m.impl("head_rows_product", &head_rows_product);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1195,5 +1224,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass (Llama's and DeepSeek's numbers)");
   m.def("rotary_interleaved", &rotary_interleaved, "RoPE on interleaved pairs (rope.py's numbers)");
   m.def("route", &route, "a router's decision from its float32 logits (routing.py's numbers)");
+  m.def("head_rows_product", &head_rows_product, "products with each head's slice of kv_b_proj's rows, read in place");
   m.def("absorbed_scores", &absorbed_scores, "absorbed MLA's attention scores for a decoding step (attention.py's numbers)");
 }
