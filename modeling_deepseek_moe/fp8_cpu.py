@@ -218,13 +218,19 @@ def grouped_rows_product(weight: torch.Tensor, scale_inv: torch.Tensor, rows: to
     return kernel().fp8_grouped_gemv(weight.contiguous(), scale_inv, rows, ends, part_rows, block[0], block[1])
 
 
+def _bf16_read_in_place(t: torch.Tensor) -> bool:
+    """Whether the kernel reads ``t`` ``[..., rows, cols]`` in place as a stack of bf16 matrices: bfloat16, each matrix's
+    rows contiguous and back to back (a weight, or a cache with room beyond its slots)."""
+    return t.dtype == torch.bfloat16 and t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]
+
+
 def bf16_grouped_product(weight: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor | None) -> torch.Tensor | None:
     """``rows`` ``[n, in]`` grouped by expert (``ends``: cumulative rows per expert) through the bfloat16
     stacks ``weight`` ``[experts, out, in]`` -> ``[n, out]`` in the rows' dtype, every expert in one kernel
     call (one ``torch.mv`` per expert reads the weights ~20% slower); a weight ``[out, in]`` and ``ends``
     None: one projection, of rows ``[..., in]`` -> ``[..., out]``. None where the kernel does not serve
     (:func:`serving_kernel`, with all the rows counted against each weight)."""
-    if weight.dtype != torch.bfloat16 or weight.stride(-1) != 1 or weight.stride(-2) != weight.shape[-1]:
+    if not _bf16_read_in_place(weight):
         return None
     module = serving_kernel(rows, rows.numel() // max(rows.shape[-1], 1))
     return None if module is None else module.bf16_grouped_gemv(weight, rows, ends)
@@ -266,7 +272,7 @@ def shared_rows_product(rows: torch.Tensor, shared: torch.Tensor, transposed: bo
     kernel. None where it does not serve: bf16 ``shared`` with contiguous rows on the CPU, no gradients, and
     for the transposed product at most ``SHARED_VALUES_MAX_SLOTS`` slots and ``SHARED_VALUES_MAX_ROWS`` rows per
     sequence, ``k`` in whole vectors."""
-    if shared.dtype != torch.bfloat16 or shared.stride(-1) != 1 or shared.stride(-2) != shared.shape[-1] or (
+    if not _bf16_read_in_place(shared) or (
             transposed and (shared.shape[-2] > SHARED_VALUES_MAX_SLOTS or rows.shape[1] > SHARED_VALUES_MAX_ROWS
                             or shared.shape[-1] % 16)):
         return None
@@ -290,8 +296,8 @@ def absorbed_scores(latent_queries: torch.Tensor, rope_queries: torch.Tensor, la
     steps (each product rounded to bf16 as :func:`shared_rows_product`'s, their bf16 sum, the float32 scaling).
     None where the kernel does not serve: eagerly, bf16 queries and cache on the CPU without gradients, the cache
     read in place as :func:`shared_rows_product` reads it."""
-    if latent.dtype != torch.bfloat16 or rope_queries.dtype != torch.bfloat16 or latent_queries.dtype != torch.bfloat16 \
-            or any(t.stride(-1) != 1 or t.stride(-2) != t.shape[-1] for t in (latent, key_rope)) \
+    if latent_queries.dtype != torch.bfloat16 or rope_queries.dtype != torch.bfloat16 \
+            or not _bf16_read_in_place(latent) or not _bf16_read_in_place(key_rope) \
             or (positions is not None and positions.device.type != "cpu") \
             or not serves_eagerly(latent_queries, rope_queries, latent, key_rope):
         return None
